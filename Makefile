@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+# Each creates .venv and installs requirements.txt the first time.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SHARED_MNIST := $(abspath ../shared/data/mnist)
+# Offline MNIST: AIR_MNIST_DIR if set, else ../shared/data/mnist if present
+# (otherwise TFDS downloads and checksums the files).
+export AIR_MNIST_DIR ?= $(if $(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),$(SHARED_MNIST),)
+export TFDS_DATA_DIR ?= $(HOME)/tensorflow_datasets
+WORKDIR ?= runs/default
+CONFIG ?= configs/default.py
+ARGS ?=
+
+.PHONY: venv train test lint format bench clean
+
+$(STAMP): requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check air_jax experiments configs tests benchmarks
+	$(VENV)/bin/ruff format --check air_jax experiments configs tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format air_jax experiments configs tests benchmarks
+	$(VENV)/bin/ruff check --fix air_jax experiments configs tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q --durations=10 tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,481 @@
+"""Attend, Infer, Repeat (Eslami et al., 2016) and its difference variant DAIR.
+
+Glossary of shapes:
+  B: batch, N: steps (`max_steps`), H, W: image, h, w: window,
+  D: z_what size, F: LSTM width.
+
+Per step t = 1..N the inference network emits
+  z_pres_t in {0, 1}  (once 0, every later step is 0),
+  z_where_t = (s, x, y) (see `spatial_transformer`),
+  z_what_t in R^D.
+`mask[:, t]` is z_pres_{t-1} (1 at t = 1): whether step t made a choice at
+all. Everything of a step with z_pres_t = 0 is masked out of the objective.
+
+The generative model decodes each z_what into a window, writes it onto the
+canvas with `spatial_transformer.window_to_image` and adds the objects; the
+canvas is the mean of the pixel likelihood (see `objectives`).
+"""
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from air_jax import distributions
+from air_jax import networks
+from air_jax import spatial_transformer
+
+Z_PRES_ESTIMATORS = ('reinforce', 'concrete')
+
+
+class CellCarry(NamedTuple):
+  """What one inference step hands to the next.
+
+  Attributes:
+    lstm: networks.LSTMState, [B, F] each.
+    z_pres: [B] previous z_pres (1 before the first step).
+    z_where: [B, 3] previous z_where.
+    z_what: [B, D] previous z_what.
+    canvas: [B, H, W] reconstruction so far (DAIR; zeros otherwise).
+    baseline_lstm: networks.LSTMState of the baseline network.
+  """
+
+  lstm: networks.LSTMState
+  z_pres: jax.Array
+  z_where: jax.Array
+  z_what: jax.Array
+  canvas: jax.Array
+  baseline_lstm: networks.LSTMState
+
+
+class StepOutput(NamedTuple):
+  """One inference step's latents and posteriors (leading [B])."""
+
+  z_pres: jax.Array  # [B] sample times mask (relaxed for 'concrete').
+  z_pres_prob: jax.Array  # [B] q(z_pres_t = 1 | z_pres_{t-1} = 1, ...).
+  mask: jax.Array  # [B] z_pres_{t-1}.
+  z_where: jax.Array  # [B, 3]
+  z_where_loc: jax.Array  # [B, 3]
+  z_where_scale: jax.Array  # [B, 3]
+  z_what: jax.Array  # [B, D]
+  z_what_loc: jax.Array  # [B, D]
+  z_what_scale: jax.Array  # [B, D]
+
+
+class AIROutput(NamedTuple):
+  """The model's output: per-step fields are stacked on axis 1 ([B, N, ...]).
+
+  Attributes:
+    z_pres, z_pres_prob, mask: [B, N].
+    z_where, z_where_loc, z_where_scale: [B, N, 3].
+    z_what, z_what_loc, z_what_scale: [B, N, D].
+    windows: [B, N, h, w] decoded windows.
+    canvas: [B, H, W] the reconstruction (sum of z_pres-weighted objects).
+    baseline: [B, N] the REINFORCE baseline (zeros without a baseline).
+  """
+
+  z_pres: jax.Array
+  z_pres_prob: jax.Array
+  mask: jax.Array
+  z_where: jax.Array
+  z_where_loc: jax.Array
+  z_where_scale: jax.Array
+  z_what: jax.Array
+  z_what_loc: jax.Array
+  z_what_scale: jax.Array
+  windows: jax.Array
+  canvas: jax.Array
+  baseline: jax.Array
+
+  @property
+  def count(self) -> jax.Array:
+    """[B] number of objects inferred (sum of z_pres, rounded)."""
+    return jnp.round(jnp.sum(self.z_pres, axis=1)).astype(jnp.int32)
+
+
+def sample_z_pres(
+  rng: jax.Array,
+  prob: jax.Array,
+  mask: jax.Array,
+  estimator: str,
+  temperature: float,
+  deterministic: bool,
+) -> jax.Array:
+  """Samples z_pres_t given q and the mask z_pres_{t-1}.
+
+  `rng` holds one key per example ([B]); prob, mask and the result are [B].
+
+  'reinforce' draws a hard Bernoulli sample (no pathwise gradient; the
+  score-function surrogate in `objectives` carries it), 'concrete' a
+  reparameterised Binary Concrete sample; `deterministic` takes the mode.
+  """
+  if deterministic:
+    sample = (prob > 0.5).astype(prob.dtype)
+  elif estimator == 'concrete':
+    sample = jax.vmap(distributions.sample_relaxed_bernoulli, (0, 0, None))(
+      rng, prob, temperature
+    )
+  else:
+    sample = jax.vmap(jax.random.bernoulli)(rng, prob).astype(prob.dtype)
+  return sample * mask
+
+
+class InferenceCell(nn.Module):
+  """One AIR inference step: attend to one object and infer its latents.
+
+  The LSTM sees the image (as precomputed input gates) and the previous
+  step's latents; heads give q(z_pres), q(z_where); the window that z_where
+  picks out of `glimpse_source` is encoded into q(z_what).
+
+  Attributes:
+    image_size: (H, W).
+    window_size: (h, w).
+    lstm_size: F.
+    z_what_size: D.
+    encoder_hidden_size: width of the glimpse encoder's hidden layer.
+    z_where_prior_loc: prior mean of z_where; the posterior mean is an
+      offset from it, so inference starts at the prior.
+    z_where_prior_scale: prior std of z_where; the posterior std is a
+      softplus times it.
+    z_pres_estimator: 'reinforce' or 'concrete'.
+    concrete_temperature: temperature of the Concrete relaxation.
+  """
+
+  image_size: tuple[int, int]
+  window_size: tuple[int, int]
+  lstm_size: int = 256
+  z_what_size: int = 50
+  encoder_hidden_size: int = 200
+  z_where_prior_loc: tuple[float, float, float] = (3.0, 0.0, 0.0)
+  z_where_prior_scale: tuple[float, float, float] = (0.2, 1.0, 1.0)
+  z_pres_estimator: str = 'reinforce'
+  concrete_temperature: float = 0.5
+
+  def setup(self):
+    self.lstm = networks.LSTM(self.lstm_size)
+    small = nn.initializers.normal(1e-3)
+    self.z_pres_head = nn.Dense(1, kernel_init=small)
+    self.z_where_head = nn.Dense(6, kernel_init=small)
+    self.encoder = networks.GlimpseEncoder(
+      self.encoder_hidden_size, self.z_what_size
+    )
+
+  def __call__(
+    self,
+    lstm_state: networks.LSTMState,
+    prev: tuple[jax.Array, jax.Array, jax.Array],
+    image_gates: jax.Array,
+    glimpse_source: jax.Array,
+    rng: jax.Array,
+    deterministic: bool = False,
+  ) -> tuple[networks.LSTMState, StepOutput]:
+    """One step.
+
+    Args:
+      lstm_state: LSTMState, [B, F] each.
+      prev: (z_pres [B], z_where [B, 3], z_what [B, D]) of the last step.
+      image_gates: [B, 4F] the image's LSTM input projection.
+      glimpse_source: [B, H, W] the image windows are read from.
+      rng: [B] PRNG keys, one per example, for this step's samples.
+      deterministic: take posterior modes instead of samples.
+
+    Returns:
+      (new LSTMState, StepOutput).
+    """
+    prev_z_pres, prev_z_where, prev_z_what = prev
+    latents = jnp.concatenate(
+      [prev_z_pres[:, None], prev_z_where, prev_z_what], axis=-1
+    )
+    lstm_state = self.lstm(lstm_state, image_gates, latents)
+    rng_pres, rng_where, rng_what = jnp.moveaxis(
+      jax.vmap(lambda k: jax.random.split(k, 3))(rng), 1, 0
+    )
+    sample_normal = jax.vmap(distributions.sample_normal)
+
+    z_pres_prob = nn.sigmoid(self.z_pres_head(lstm_state.h)[:, 0])
+    z_pres = sample_z_pres(
+      rng_pres,
+      z_pres_prob,
+      prev_z_pres,
+      self.z_pres_estimator,
+      self.concrete_temperature,
+      deterministic,
+    )
+
+    where = self.z_where_head(lstm_state.h)
+    prior_loc = jnp.asarray(self.z_where_prior_loc, jnp.float32)
+    prior_scale = jnp.asarray(self.z_where_prior_scale, jnp.float32)
+    z_where_q = distributions.NormalParams(
+      loc=where[:, :3] + prior_loc,
+      scale=nn.softplus(where[:, 3:]) * prior_scale + 1e-4,
+    )
+    z_where = (
+      z_where_q.loc if deterministic else sample_normal(rng_where, z_where_q)
+    )
+
+    glimpse = spatial_transformer.image_to_window(
+      glimpse_source, z_where, self.window_size
+    )
+    z_what_q = self.encoder(glimpse)
+    z_what = (
+      z_what_q.loc if deterministic else sample_normal(rng_what, z_what_q)
+    )
+    return lstm_state, StepOutput(
+      z_pres=z_pres,
+      z_pres_prob=z_pres_prob,
+      mask=prev_z_pres,
+      z_where=z_where,
+      z_where_loc=z_where_q.loc,
+      z_where_scale=z_where_q.scale,
+      z_what=z_what,
+      z_what_loc=z_what_q.loc,
+      z_what_scale=z_what_q.scale,
+    )
+
+
+class AIR(nn.Module):
+  """AIR (or DAIR with `difference=True`): inference network and renderer.
+
+  Call it on images [B, H, W] in [0, 1] with an rng stream named 'sample'
+  (or per-example `keys`).
+  A baseline network for the REINFORCE estimator, with its own LSTM and MLP
+  on stop-gradient inputs, lives under the `baseline_*` parameters so an
+  optimiser can give it its own learning rate.
+
+  Attributes:
+    image_size: H = W.
+    window_size: h = w.
+    max_steps: N.
+    lstm_size: F of the inference LSTM.
+    z_what_size: D.
+    encoder_hidden_size: hidden width of the glimpse encoder.
+    decoder_hidden_size: hidden width of the glimpse decoder.
+    decoder_output_bias: added before the decoder's sigmoid.
+    z_where_prior_loc, z_where_prior_scale: see InferenceCell.
+    difference: DAIR: the LSTM and the glimpses see image - canvas so far.
+    z_pres_estimator: 'reinforce' or 'concrete'.
+    concrete_temperature: temperature of the Concrete relaxation.
+    use_baseline: build the baseline network.
+    baseline_shares_projection: the baseline LSTM reads the inference
+      network's image projection (stop-gradient) instead of projecting the
+      image itself: the same information for about a third less compute.
+    baseline_lstm_size: width of the baseline LSTM.
+    baseline_hidden_size: hidden width of the baseline MLP.
+    unroll: `lax.scan` unroll factor (speed only).
+  """
+
+  image_size: int = 50
+  window_size: int = 28
+  max_steps: int = 3
+  lstm_size: int = 256
+  z_what_size: int = 50
+  encoder_hidden_size: int = 200
+  decoder_hidden_size: int = 200
+  decoder_output_bias: float = -2.0
+  z_where_prior_loc: tuple[float, float, float] = (3.0, 0.0, 0.0)
+  z_where_prior_scale: tuple[float, float, float] = (0.2, 1.0, 1.0)
+  difference: bool = False
+  z_pres_estimator: str = 'reinforce'
+  concrete_temperature: float = 0.5
+  use_baseline: bool = True
+  baseline_shares_projection: bool = True
+  baseline_lstm_size: int = 256
+  baseline_hidden_size: int = 200
+  unroll: int = 1
+
+  def setup(self):
+    if self.z_pres_estimator not in Z_PRES_ESTIMATORS:
+      raise ValueError(
+        f'z_pres_estimator must be one of {Z_PRES_ESTIMATORS}, got {self.z_pres_estimator!r}.'
+      )
+    sizes = (self.image_size, self.image_size)
+    window = (self.window_size, self.window_size)
+    self.image_projection = nn.Dense(4 * self.lstm_size)
+    self.cell = InferenceCell(
+      image_size=sizes,
+      window_size=window,
+      lstm_size=self.lstm_size,
+      z_what_size=self.z_what_size,
+      encoder_hidden_size=self.encoder_hidden_size,
+      z_where_prior_loc=self.z_where_prior_loc,
+      z_where_prior_scale=self.z_where_prior_scale,
+      z_pres_estimator=self.z_pres_estimator,
+      concrete_temperature=self.concrete_temperature,
+    )
+    self.lstm_init = self.param(
+      'lstm_init', nn.initializers.zeros, (2, self.lstm_size)
+    )
+    self.decoder = networks.GlimpseDecoder(
+      self.decoder_hidden_size, window, self.decoder_output_bias
+    )
+    if self.use_baseline:
+      # Projects the image, or the inference network's projection of it.
+      self.baseline_projection = nn.Dense(4 * self.baseline_lstm_size)
+      self.baseline_lstm = networks.LSTM(self.baseline_lstm_size)
+      self.baseline_init = self.param(
+        'baseline_init', nn.initializers.zeros, (2, self.baseline_lstm_size)
+      )
+      self.baseline_mlp = networks.MLP(
+        (self.baseline_hidden_size, 1),
+        last_kernel_init=nn.initializers.zeros,
+      )
+
+  def render(
+    self, z_pres: jax.Array, z_where: jax.Array, z_what: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """The generative model's mean image from latents.
+
+    Args:
+      z_pres: [B, N].
+      z_where: [B, N, 3].
+      z_what: [B, N, D].
+
+    Returns:
+      (canvas [B, H, W], windows [B, N, h, w]).
+    """
+    b, n = z_pres.shape
+    windows = self.decoder(z_what)  # [B, N, h, w]
+    objects = spatial_transformer.window_to_image(
+      windows.reshape(b * n, self.window_size, self.window_size),
+      z_where.reshape(b * n, 3),
+      self.image_size,
+    ).reshape(b, n, self.image_size, self.image_size)
+    canvas = jnp.einsum('bn,bnij->bij', z_pres, objects)
+    return canvas, windows
+
+  def _baseline_gates(self, flat_image, image_gates):
+    """The baseline LSTM's input gates, from stop-gradient inputs."""
+    source = image_gates if self.baseline_shares_projection else flat_image
+    return self.baseline_projection(jax.lax.stop_gradient(source))
+
+  def _initial_carry(self, batch: int) -> CellCarry:
+    def broadcast(init, width):
+      return networks.LSTMState(
+        jnp.broadcast_to(init[0], (batch, width)),
+        jnp.broadcast_to(init[1], (batch, width)),
+      )
+
+    size = self.image_size
+    return CellCarry(
+      lstm=broadcast(self.lstm_init, self.lstm_size),
+      z_pres=jnp.ones((batch,), jnp.float32),
+      z_where=jnp.zeros((batch, 3), jnp.float32),
+      z_what=jnp.zeros((batch, self.z_what_size), jnp.float32),
+      canvas=jnp.zeros((batch, size, size), jnp.float32),
+      baseline_lstm=(
+        broadcast(self.baseline_init, self.baseline_lstm_size)
+        if self.use_baseline
+        else networks.LSTMState(jnp.zeros((batch, 0)), jnp.zeros((batch, 0)))
+      ),
+    )
+
+  def __call__(
+    self,
+    images: jax.Array,
+    deterministic: bool = False,
+    keys: jax.Array | None = None,
+  ):
+    """Infers latents for a batch and reconstructs it.
+
+    Args:
+      images: [B, H, W] float in [0, 1].
+      deterministic: use posterior modes (z_pres = q > 0.5, means) instead
+        of samples; for evaluation and `infer`.
+      keys: optional [B] PRNG keys, one per example: each example's samples
+        then depend on its key alone (not on the batch it is in). Without
+        them the 'sample' rng stream is split over the batch.
+
+    Returns:
+      AIROutput.
+    """
+    b = images.shape[0]
+    if keys is None:
+      keys = jax.random.split(self.make_rng('sample'), b)
+    flat = images.reshape(b, -1)
+    # The image is the same at every AIR step: project it once.
+    image_gates = None if self.difference else self.image_projection(flat)
+    baseline_gates = None
+    if self.use_baseline and not self.difference:
+      baseline_gates = self._baseline_gates(flat, image_gates)
+
+    def body(mdl, carry: CellCarry, t):
+      if mdl.difference:
+        residual = images - carry.canvas
+        step_image = residual
+        step_gates = mdl.image_projection(residual.reshape(b, -1))
+      else:
+        step_image, step_gates = images, image_gates
+      lstm, step = mdl.cell(
+        carry.lstm,
+        (carry.z_pres, carry.z_where, carry.z_what),
+        step_gates,
+        step_image,
+        jax.vmap(jax.random.fold_in, (0, None))(keys, t),
+        deterministic,
+      )
+      canvas, window = carry.canvas, None
+      if mdl.difference:
+        window = mdl.decoder(step.z_what)
+        obj = spatial_transformer.window_to_image(
+          window, step.z_where, mdl.image_size
+        )
+        canvas = canvas + step.z_pres[:, None, None] * obj
+
+      baseline_lstm, baseline = carry.baseline_lstm, jnp.zeros((b,))
+      if mdl.use_baseline:
+        prev = jax.lax.stop_gradient(
+          jnp.concatenate(
+            [carry.z_pres[:, None], carry.z_where, carry.z_what], axis=-1
+          )
+        )
+        gates = baseline_gates
+        if mdl.difference:
+          gates = mdl._baseline_gates(step_image.reshape(b, -1), step_gates)
+        baseline_lstm = mdl.baseline_lstm(baseline_lstm, gates, prev)
+        baseline = mdl.baseline_mlp(baseline_lstm.h)[:, 0]
+
+      new_carry = CellCarry(
+        lstm=lstm,
+        z_pres=step.z_pres,
+        z_where=step.z_where,
+        z_what=step.z_what,
+        canvas=canvas,
+        baseline_lstm=baseline_lstm,
+      )
+      return new_carry, (step, baseline, window)
+
+    scan = nn.scan(
+      body,
+      variable_broadcast='params',
+      split_rngs={'params': False},
+      length=self.max_steps,
+      unroll=self.unroll,
+    )
+    carry, per_step = scan(
+      self, self._initial_carry(b), jnp.arange(self.max_steps)
+    )
+    # Scan stacks on axis 0; AIROutput is batch-major.
+    steps, baseline, windows = jax.tree.map(
+      functools.partial(jnp.moveaxis, source=0, destination=1), per_step
+    )
+    if self.difference:
+      # DAIR already decoded inside the recurrence.
+      canvas = carry.canvas
+    else:
+      canvas, windows = self.render(steps.z_pres, steps.z_where, steps.z_what)
+    return AIROutput(
+      z_pres=steps.z_pres,
+      z_pres_prob=steps.z_pres_prob,
+      mask=steps.mask,
+      z_where=steps.z_where,
+      z_where_loc=steps.z_where_loc,
+      z_where_scale=steps.z_where_scale,
+      z_what=steps.z_what,
+      z_what_loc=steps.z_what_loc,
+      z_what_scale=steps.z_what_scale,
+      windows=windows,
+      canvas=canvas,
+      baseline=baseline,
+    )

@@ -1,0 +1,1 @@
+"""Datasets. Import `air_jax.datasets.multi_mnist` to register the builder."""

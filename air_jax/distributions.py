@@ -1,0 +1,144 @@
+"""Priors, posteriors and closed-form KLs of AIR's latents.
+
+Glossary of shapes: B batch, N steps (`max_steps`), D z_what size.
+
+The count prior is the paper's geometric-like prior written per step: at
+step t (given z_pres_{t-1} = 1) z_pres_t ~ Bernoulli(p), so the number of
+objects n in {0..N} has P(n) = p^n (1 - p) for n < N and P(N) = p^N.
+"""
+
+import math
+from typing import NamedTuple
+
+import distrax
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-7
+
+
+class NormalParams(NamedTuple):
+  """A diagonal Normal: loc and scale of the same shape."""
+
+  loc: jax.Array
+  scale: jax.Array
+
+
+def z_pres_prior_prob(
+  step: jax.Array | int,
+  *,
+  init: float,
+  final: float,
+  anneal_steps: int,
+  schedule: str = 'exponential',
+) -> jax.Array:
+  """Per-step success probability of the count prior at a training step.
+
+  Args:
+    step: the training step (scalar).
+    init: probability at step 0.
+    final: probability from `anneal_steps` on.
+    anneal_steps: length of the annealing; 0 means `final` from the start.
+    schedule: 'exponential' (linear in log p, as the paper annealed from
+      near 1 to 1e-5), 'linear' (linear in p) or 'constant' (always `final`).
+
+  Returns:
+    Scalar float32 probability.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  if schedule == 'constant' or anneal_steps <= 0:
+    return jnp.asarray(final, jnp.float32)
+  frac = jnp.clip(step / anneal_steps, 0.0, 1.0)
+  if schedule == 'linear':
+    return (1.0 - frac) * init + frac * final
+  if schedule == 'exponential':
+    log_p = (1.0 - frac) * math.log(init) + frac * math.log(final)
+    return jnp.exp(log_p)
+  raise ValueError(f'Unknown schedule {schedule!r}.')
+
+
+def count_prior_probs(z_pres_prob: jax.Array | float, max_steps: int):
+  """P(n objects) for n = 0..N under the per-step Bernoulli count prior.
+
+  Args:
+    z_pres_prob: scalar per-step success probability p.
+    max_steps: N.
+
+  Returns:
+    [N + 1] probabilities summing to 1.
+  """
+  p = jnp.asarray(z_pres_prob, jnp.float32)
+  n = jnp.arange(max_steps + 1, dtype=jnp.float32)
+  stop = jnp.where(n < max_steps, 1.0 - p, 1.0)
+  return p**n * stop
+
+
+def bernoulli_kl(q: jax.Array, p: jax.Array) -> jax.Array:
+  """KL(Bernoulli(q) || Bernoulli(p)), elementwise, finite for q in [0, 1]."""
+  q = jnp.clip(q, 0.0, 1.0)
+  p = jnp.clip(p, _EPS, 1.0 - _EPS)
+  # xlogy gives 0 log 0 = 0 at q in {0, 1}.
+  return (
+    jax.scipy.special.xlogy(q, q)
+    - q * jnp.log(p)
+    + jax.scipy.special.xlogy(1.0 - q, 1.0 - q)
+    - (1.0 - q) * jnp.log1p(-p)
+  )
+
+
+def z_where_prior(
+  scale_loc: float, scale_std: float, shift_std: float
+) -> NormalParams:
+  """Prior over z_where = (s, x, y): independent Normals. Each field [3]."""
+  return NormalParams(
+    loc=jnp.array([scale_loc, 0.0, 0.0], jnp.float32),
+    scale=jnp.array([scale_std, shift_std, shift_std], jnp.float32),
+  )
+
+
+def normal_kl(q: NormalParams, p: NormalParams) -> jax.Array:
+  """KL(q || p) of diagonal Normals, summed over the last axis.
+
+  Args:
+    q: posterior, fields [..., K].
+    p: prior, fields broadcastable to [..., K].
+
+  Returns:
+    [...] KL in nats (analytic, via distrax).
+  """
+  q_dist = distrax.Normal(q.loc, q.scale)
+  p_dist = distrax.Normal(
+    jnp.broadcast_to(p.loc, q.loc.shape),
+    jnp.broadcast_to(p.scale, q.scale.shape),
+  )
+  return jnp.sum(q_dist.kl_divergence(p_dist), axis=-1)
+
+
+def standard_normal_like(x: jax.Array) -> NormalParams:
+  """N(0, I) with the shape of x (the z_what prior)."""
+  return NormalParams(jnp.zeros_like(x), jnp.ones_like(x))
+
+
+def sample_normal(rng: jax.Array, params: NormalParams) -> jax.Array:
+  """Reparameterised sample loc + scale * eps."""
+  eps = jax.random.normal(rng, params.loc.shape, params.loc.dtype)
+  return params.loc + params.scale * eps
+
+
+def sample_relaxed_bernoulli(
+  rng: jax.Array, prob: jax.Array, temperature: float
+) -> jax.Array:
+  """Binary Concrete (Maddison et al. 2017) sample in (0, 1), reparameterised.
+
+  Args:
+    rng: PRNG key.
+    prob: [...] success probabilities.
+    temperature: relaxation temperature (> 0); smaller is closer to binary.
+
+  Returns:
+    [...] relaxed sample sigmoid((logit(prob) + logistic noise) / T).
+  """
+  u = jax.random.uniform(rng, prob.shape, prob.dtype, _EPS, 1.0 - _EPS)
+  logistic = jnp.log(u) - jnp.log1p(-u)
+  logit = jnp.log(prob + _EPS) - jnp.log1p(-prob + _EPS)
+  return jax.nn.sigmoid((logit + logistic) / temperature)

@@ -1,0 +1,17 @@
+r"""DAIR (difference AIR): the inference network sees image - canvas so far.
+
+Command:
+  python -m experiments.train --config=configs/dair.py --workdir=/tmp/dair
+
+Everything else as configs/default.py. Its interest is generalisation to
+more objects than seen in training (evaluate on `test_3`).
+"""
+
+from configs import default
+
+
+def get_config():
+  """DAIR: default AIR with the difference input."""
+  config = default.get_config()
+  config.model.difference = True
+  return config

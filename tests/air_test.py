@@ -1,0 +1,216 @@
+"""The AIR module: shapes, the z_pres chain, masking, compile-once, learning."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from air_jax import air
+from air_jax import distributions
+from air_jax import objectives
+from air_jax import spatial_transformer
+
+SMALL = dict(
+  image_size=20,
+  window_size=8,
+  max_steps=3,
+  lstm_size=32,
+  z_what_size=6,
+  encoder_hidden_size=32,
+  decoder_hidden_size=32,
+  baseline_lstm_size=16,
+  baseline_hidden_size=16,
+  z_where_prior_loc=(2.0, 0.0, 0.0),
+)
+
+
+def _init(model, images, seed=0):
+  return model.init(
+    {'params': jax.random.key(seed), 'sample': jax.random.key(seed + 1)}, images
+  )['params']
+
+
+@pytest.mark.parametrize('difference', [False, True])
+@pytest.mark.parametrize('estimator', ['reinforce', 'concrete'])
+def test_output_shapes_and_finiteness(difference, estimator):
+  model = air.AIR(**SMALL, difference=difference, z_pres_estimator=estimator)
+  images = jax.random.uniform(jax.random.key(0), (5, 20, 20))
+  params = _init(model, images)
+  out = model.apply(
+    {'params': params}, images, rngs={'sample': jax.random.key(3)}
+  )
+  b, n, d = 5, 3, 6
+  expected = {
+    'z_pres': (b, n),
+    'z_pres_prob': (b, n),
+    'mask': (b, n),
+    'z_where': (b, n, 3),
+    'z_where_loc': (b, n, 3),
+    'z_where_scale': (b, n, 3),
+    'z_what': (b, n, d),
+    'z_what_loc': (b, n, d),
+    'z_what_scale': (b, n, d),
+    'windows': (b, n, 8, 8),
+    'canvas': (b, 20, 20),
+    'baseline': (b, n),
+  }
+  for name, shape in expected.items():
+    value = getattr(out, name)
+    assert value.shape == shape, name
+    assert np.all(np.isfinite(value)), name
+  assert np.all(np.asarray(out.z_where_scale) > 0)
+
+
+def test_z_pres_is_monotone_and_mask_is_previous_z_pres():
+  model = air.AIR(**SMALL)
+  images = jax.random.uniform(jax.random.key(1), (256, 20, 20))
+  params = _init(model, images)
+  out = model.apply(
+    {'params': params}, images, rngs={'sample': jax.random.key(4)}
+  )
+  z = np.asarray(out.z_pres)
+  assert set(np.unique(z)) <= {0.0, 1.0}
+  assert np.all(np.diff(z, axis=1) <= 0)  # Never 1 after a 0.
+  np.testing.assert_array_equal(np.asarray(out.mask)[:, 0], 1.0)
+  np.testing.assert_array_equal(np.asarray(out.mask)[:, 1:], z[:, :-1])
+  counts = np.asarray(out.count)
+  assert len(np.unique(counts)) > 1  # q starts near 1/2: several counts occur.
+  np.testing.assert_array_equal(counts, z.sum(1))
+
+
+def test_canvas_is_the_sum_of_present_objects():
+  model = air.AIR(**SMALL)
+  images = jax.random.uniform(jax.random.key(2), (16, 20, 20))
+  params = _init(model, images)
+  out = model.apply(
+    {'params': params}, images, rngs={'sample': jax.random.key(5)}
+  )
+  objects = [
+    spatial_transformer.window_to_image(
+      out.windows[:, t], out.z_where[:, t], 20
+    )
+    for t in range(3)
+  ]
+  expected = sum(out.z_pres[:, t, None, None] * objects[t] for t in range(3))
+  np.testing.assert_allclose(out.canvas, expected, atol=1e-5)
+
+
+def test_dair_canvas_matches_rendering():
+  model = air.AIR(**SMALL, difference=True)
+  images = jax.random.uniform(jax.random.key(6), (8, 20, 20))
+  params = _init(model, images)
+  out = model.apply(
+    {'params': params}, images, rngs={'sample': jax.random.key(7)}
+  )
+  rendered, _ = model.apply(
+    {'params': params},
+    out.z_pres,
+    out.z_where,
+    out.z_what,
+    method=air.AIR.render,
+  )
+  np.testing.assert_allclose(out.canvas, rendered, atol=1e-5)
+
+
+def test_per_example_keys_make_samples_independent_of_the_batch():
+  model = air.AIR(**SMALL)
+  images = jax.random.uniform(jax.random.key(8), (6, 20, 20))
+  params = _init(model, images)
+  keys = jax.random.split(jax.random.key(9), 6)
+  full = model.apply({'params': params}, images, keys=keys)
+  part = model.apply({'params': params}, images[3:], keys=keys[3:])
+  np.testing.assert_allclose(full.z_where[3:], part.z_where, atol=1e-5)
+  np.testing.assert_array_equal(full.z_pres[3:], part.z_pres)
+
+
+def test_deterministic_mode_uses_posterior_modes():
+  model = air.AIR(**SMALL)
+  images = jax.random.uniform(jax.random.key(10), (8, 20, 20))
+  params = _init(model, images)
+  a = model.apply(
+    {'params': params},
+    images,
+    deterministic=True,
+    rngs={'sample': jax.random.key(0)},
+  )
+  b = model.apply(
+    {'params': params},
+    images,
+    deterministic=True,
+    rngs={'sample': jax.random.key(1)},
+  )
+  np.testing.assert_array_equal(a.z_pres, b.z_pres)
+  np.testing.assert_allclose(a.z_where, a.z_where_loc)
+  np.testing.assert_allclose(a.z_what, a.z_what_loc)
+
+
+def test_baseline_gets_no_gradient_from_the_elbo():
+  model = air.AIR(**SMALL)
+  images = jax.random.uniform(jax.random.key(11), (4, 20, 20))
+  params = _init(model, images)
+
+  def elbo(params):
+    out = model.apply(
+      {'params': params}, images, rngs={'sample': jax.random.key(0)}
+    )
+    prior = distributions.z_where_prior(2.0, 0.2, 1.0)
+    return jnp.mean(objectives.elbo_terms(out, images, 0.01, prior).elbo)
+
+  grads = jax.grad(elbo)(params)
+  for name, sub in grads.items():
+    norm = float(optax.global_norm(sub))
+    if name.startswith('baseline'):
+      assert norm == 0.0, name
+  assert float(optax.global_norm(grads['cell'])) > 0
+
+
+def test_jit_compiles_once():
+  model = air.AIR(**SMALL)
+  images = jax.random.uniform(jax.random.key(12), (4, 20, 20))
+  params = _init(model, images)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def forward(params, images, key):
+    return model.apply({'params': params}, images, rngs={'sample': key}).canvas
+
+  for i in range(3):
+    forward(params, images + 0.01 * i, jax.random.key(i))
+
+
+def test_training_on_synthetic_images_improves_the_elbo():
+  # A handful of synthetic scenes: 0-2 bright squares on a 20x20 canvas.
+  rng = np.random.default_rng(0)
+  images = np.zeros((16, 20, 20), np.float32)
+  for i in range(16):
+    for _ in range(i % 3):
+      top, left = rng.integers(0, 14, size=2)
+      images[i, top : top + 6, left : left + 6] = 1.0
+  images = jnp.asarray(images)
+  model = air.AIR(**SMALL)
+  params = _init(model, images)
+  tx = optax.adam(3e-3)
+  opt_state = tx.init(params)
+  prior = distributions.z_where_prior(2.0, 0.2, 1.0)
+
+  def loss_fn(params, key):
+    out = model.apply({'params': params}, images, rngs={'sample': key})
+    loss, aux = objectives.air_loss(out, images, 0.01, prior)
+    return loss, jnp.mean(aux.terms.elbo)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    (_, elbo), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, key)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, elbo
+
+  elbos = []
+  for i in range(300):
+    params, opt_state, elbo = step(params, opt_state, jax.random.key(i))
+    elbos.append(float(elbo))
+  first, last = np.mean(elbos[:20]), np.mean(elbos[-20:])
+  assert np.all(np.isfinite(elbos))
+  # Per image, 400 pixels: the ELBO must rise by well over 100 nats.
+  assert last > first + 100, (first, last)
