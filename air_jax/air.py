@@ -73,7 +73,8 @@ class AIROutput(NamedTuple):
     z_what, z_what_loc, z_what_scale: [B, N, D].
     windows: [B, N, h, w] decoded windows.
     canvas: [B, H, W] the reconstruction (sum of z_pres-weighted objects).
-    baseline: [B, N] the REINFORCE baseline (zeros without a baseline).
+    baseline: [B, N] the REINFORCE baseline (zeros without a baseline, and
+      in deterministic mode).
   """
 
   z_pres: jax.Array
@@ -396,8 +397,10 @@ class AIR(nn.Module):
     flat = images.reshape(b, -1)
     # The image is the same at every AIR step: project it once.
     image_gates = None if self.difference else self.image_projection(flat)
+    # Inference with posterior modes needs no baseline.
+    with_baseline = self.use_baseline and not deterministic
     baseline_gates = None
-    if self.use_baseline and not self.difference:
+    if with_baseline and not self.difference:
       baseline_gates = self._baseline_gates(flat, image_gates)
 
     def body(mdl, carry: CellCarry, t):
@@ -424,7 +427,7 @@ class AIR(nn.Module):
         canvas = canvas + step.z_pres[:, None, None] * obj
 
       baseline_lstm, baseline = carry.baseline_lstm, jnp.zeros((b,))
-      if mdl.use_baseline:
+      if with_baseline:
         prev = jax.lax.stop_gradient(
           jnp.concatenate(
             [carry.z_pres[:, None], carry.z_where, carry.z_what], axis=-1

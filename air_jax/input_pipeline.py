@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from air_jax.datasets import multi_mnist
+from air_jax.datasets.multi_mnist import generate
 
 _READ_CHUNK = 4096
 
@@ -86,15 +87,25 @@ def load_split(
     per_process = len(source) // jax.process_count()
     start = jax.process_index() * per_process
     stop = start + per_process
-  records = []
-  for lo in range(start, stop, _READ_CHUNK):
-    records.extend(source.__getitems__(range(lo, min(lo + _READ_CHUNK, stop))))
-  return Split(
-    images=np.stack([r['image'][..., 0] for r in records]),
-    num_objects=np.array([r['num_objects'] for r in records], np.int32),
-    boxes=np.stack([r['boxes'] for r in records]).astype(np.int32),
-    labels=np.stack([r['labels'] for r in records]).astype(np.int32),
+  # Fill preallocated arrays chunk by chunk: holding all records as Python
+  # dicts first would double the peak memory.
+  num = stop - start
+  k, size = generate.MAX_OBJECTS, generate.CANVAS_SIZE
+  split = Split(
+    images=np.empty((num, size, size), np.uint8),
+    num_objects=np.empty((num,), np.int32),
+    boxes=np.empty((num, k, 4), np.int32),
+    labels=np.empty((num, k), np.int32),
   )
+  for lo in range(start, stop, _READ_CHUNK):
+    hi = min(lo + _READ_CHUNK, stop)
+    for i, record in enumerate(source.__getitems__(range(lo, hi))):
+      row = lo - start + i
+      split.images[row] = record['image'][..., 0]
+      split.num_objects[row] = record['num_objects']
+      split.boxes[row] = record['boxes']
+      split.labels[row] = record['labels']
+  return split
 
 
 def to_batch(split: Split, indices: np.ndarray) -> Batch:

@@ -114,7 +114,7 @@ def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     z_pres_estimator=str(config.model.z_pres_estimator),
     signal=str(config.signal),
     use_nvil=bool(config.nvil),
-    nvil_scale=bool(config.nvil_scale),
+    nvil_scale=bool(config.get('nvil_scale', False)),
     nvil_decay=float(config.nvil_decay),
   )
 
@@ -235,10 +235,10 @@ def train_step(
     loss = jax.lax.pmean(loss, axis_name)
   is_baseline = {k: k.startswith('baseline') for k in grads}
   grad_norms = {
-    'grad_norm': optax.global_norm(
+    'grad_norm': optax.tree.norm(
       {k: v for k, v in grads.items() if not is_baseline[k]}
     ),
-    'baseline_grad_norm': optax.global_norm(
+    'baseline_grad_norm': optax.tree.norm(
       {k: v for k, v in grads.items() if is_baseline[k]}
     ),
   }

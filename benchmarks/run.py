@@ -1,0 +1,304 @@
+r"""Speed and memory of AIR at the paper's sizes: `make bench`.
+
+  python -m benchmarks.run [--quick] [--output=benchmarks/results.json]
+
+Measures (warm-up first, then several timed blocks; median and min):
+  * training throughput of the jitted train step at batch 16 ... 512;
+  * compile time of the step, and that it is traced once;
+  * inference (deterministic guide pass) ms/image at batch 1 and 64;
+  * the train step's cost against max_steps = 1 ... 8;
+  * the data pipeline's images/s;
+  * FLOPs of a train step and an inference pass (XLA's cost analysis) and
+    this CPU's large-matmul FLOP/s, i.e. the hardware floor;
+  * peak RSS of a real training run on the full dataset (subprocess).
+Pyro's numbers (issue #5, pyro-ppl 1.9.1 on a 2-core CPU) are quoted for
+comparison, not re-measured here.
+"""
+
+import functools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from air_jax import input_pipeline
+from air_jax import train
+from configs import default
+
+_OUTPUT = flags.DEFINE_string(
+  'output', 'benchmarks/results.json', 'Where to write the results.'
+)
+_QUICK = flags.DEFINE_bool('quick', False, 'Fewer sizes and repeats.')
+_RSS = flags.DEFINE_bool('rss', True, 'Measure peak RSS of a training run.')
+
+PYRO = {
+  'train_images_per_s': 405.0,
+  'infer_ms_per_image_b64': 0.40,
+  'infer_ms_per_image_b1': 7.1,
+  'peak_rss_mib': 1126.0,
+}
+
+
+def _blocks(fn, blocks: int, per_block: int) -> list[float]:
+  """Seconds per call of fn() in each block (fn must block until done)."""
+  times = []
+  for _ in range(blocks):
+    t = time.perf_counter()
+    for _ in range(per_block):
+      fn()
+    times.append((time.perf_counter() - t) / per_block)
+  return times
+
+
+def bench_train(config, blocks, per_block):
+  """(median s/step, min s/step, compile s, traces) of the train step."""
+  model = train.create_model(config)
+  settings = train.loss_settings(config)
+  state, tx = train.create_train_state(config, model)
+  traces = []
+
+  def counted(state, images):
+    traces.append(1)
+    return train.train_step(
+      state,
+      images,
+      model=model,
+      tx=tx,
+      settings=settings,
+      seed=0,
+      axis_name=None,
+    )
+
+  step = jax.jit(counted, donate_argnums=(0,))
+  images = jnp.asarray(
+    np.random.default_rng(0).random((config.batch_size, 50, 50), np.float32)
+  )
+  t = time.perf_counter()
+  state, metrics = step(state, images)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def one():
+    holder[0], m = step(holder[0], images)
+    jax.block_until_ready(m)
+
+  _blocks(one, 1, 3)  # Warm-up.
+  times = _blocks(one, blocks, per_block)
+  return float(np.median(times)), float(np.min(times)), compile_s, len(traces)
+
+
+def bench_infer(config, batch, blocks, per_block):
+  model = train.create_model(config)
+  params = train.init_params(model, 0, 50)
+  apply = jax.jit(
+    lambda p, x: model.apply(
+      {'params': p}, x, deterministic=True, rngs={'sample': jax.random.key(0)}
+    ).z_where
+  )
+  images = jnp.asarray(
+    np.random.default_rng(0).random((batch, 50, 50), np.float32)
+  )
+  jax.block_until_ready(apply(params, images))
+  times = _blocks(
+    lambda: jax.block_until_ready(apply(params, images)), blocks, per_block
+  )
+  return 1000 * float(np.median(times)) / batch, 1000 * float(
+    np.min(times)
+  ) / batch
+
+
+def flops(config):
+  """XLA's FLOP count of one train step and one inference pass (batch B)."""
+  model = train.create_model(config)
+  settings = train.loss_settings(config)
+  state, tx = train.create_train_state(config, model)
+  images = jnp.zeros((config.batch_size, 50, 50), jnp.float32)
+  step = jax.jit(
+    functools.partial(
+      train.train_step,
+      model=model,
+      tx=tx,
+      settings=settings,
+      seed=0,
+      axis_name=None,
+    )
+  )
+  train_cost = step.lower(state, images).compile().cost_analysis()
+  apply = jax.jit(
+    lambda p, x: model.apply(
+      {'params': p}, x, deterministic=True, rngs={'sample': jax.random.key(0)}
+    ).z_where
+  )
+  infer_cost = apply.lower(state.params, images).compile().cost_analysis()
+
+  def get(cost):
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get('flops', float('nan')))
+
+  return get(train_cost) / config.batch_size, get(
+    infer_cost
+  ) / config.batch_size
+
+
+def matmul_flops_per_s(n=2048, blocks=5):
+  a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  times = _blocks(lambda: jax.block_until_ready(f(a)), blocks, 3)
+  return 2 * n**3 / float(np.min(times))
+
+
+def bench_pipeline(blocks=5, per_block=200):
+  rng = np.random.default_rng(0)
+  split = input_pipeline.Split(
+    images=rng.integers(0, 255, (60000, 50, 50), dtype=np.uint8),
+    num_objects=rng.integers(0, 3, 60000).astype(np.int32),
+    boxes=np.full((60000, 3, 4), -1, np.int32),
+    labels=np.full((60000, 3), -1, np.int32),
+  )
+  it = input_pipeline.TrainIterator(split, 0, 64, 0)
+  next(it)
+  times = _blocks(lambda: next(it), blocks, per_block)
+  return 64 / float(np.median(times))
+
+
+def peak_rss_of_training(steps=300):
+  """Peak RSS (MiB) of experiments.train on the full dataset, in a child."""
+  workdir = f'/tmp/air_bench_rss_{os.getpid()}'
+  cmd = [
+    sys.executable,
+    '-m',
+    'experiments.train',
+    '--config=configs/default.py',
+    f'--workdir={workdir}',
+    f'--config.num_train_steps={steps}',
+    '--config.eval_every_steps=100000',
+    '--config.image_every_steps=100000',
+    '--config.checkpoint_every_steps=100000',
+  ]
+  subprocess.run(cmd, check=True, capture_output=True)
+  subprocess.run(['rm', '-rf', workdir], check=False)
+  return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def main(argv):
+  del argv
+  quick = _QUICK.value
+  blocks, per_block = (3, 5) if quick else (5, 10)
+  base = default.get_config()
+  results = {
+    'date': time.strftime('%Y-%m-%d %H:%M'),
+    'machine': f'{platform.processor() or platform.machine()}, '
+    f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}',
+    'jax': jax.__version__,
+  }
+  batches = (16, 64, 256) if quick else (16, 32, 64, 128, 256, 512)
+  for b in batches:
+    config = default.get_config()
+    config.batch_size = b
+    med, low, compile_s, traces = bench_train(config, blocks, per_block)
+    results[f'train_images_per_s_b{b}'] = b / med
+    results[f'train_images_per_s_b{b}_best'] = b / low
+    if b == 64:
+      results['train_images_per_s'] = b / med
+      results['train_ms_per_step'] = 1000 * med
+      results['compile_s'] = compile_s
+      results['train_step_traces'] = traces
+    print(f'batch {b}: {b / med:.0f} images/s (best {b / low:.0f})', flush=True)
+  for n in (1, 2, 3, 4, 6, 8) if not quick else (1, 3, 8):
+    config = default.get_config()
+    config.model.max_steps = n
+    med, _, _, _ = bench_train(config, blocks, per_block)
+    results[f'train_ms_per_step_max_steps{n}'] = 1000 * med
+    print(f'max_steps {n}: {1000 * med:.1f} ms/step', flush=True)
+  results['infer_ms_per_image_b1'], results['infer_ms_per_image_b1_best'] = (
+    bench_infer(base, 1, blocks, 20)
+  )
+  results['infer_ms_per_image_b64'], results['infer_ms_per_image_b64_best'] = (
+    bench_infer(base, 64, blocks, 10)
+  )
+  results['pipeline_images_per_s'] = bench_pipeline()
+  train_flops, infer_flops = flops(base)
+  results['train_mflop_per_image'] = train_flops / 1e6
+  results['infer_mflop_per_image'] = infer_flops / 1e6
+  results['matmul_gflop_per_s'] = matmul_flops_per_s() / 1e9
+  peak = results['matmul_gflop_per_s'] * 1e9
+  results['train_fraction_of_matmul_peak'] = (
+    results['train_images_per_s'] * train_flops / peak
+  )
+  results['infer_b64_fraction_of_matmul_peak'] = (
+    infer_flops / (results['infer_ms_per_image_b64'] / 1000) / peak
+  )
+  if _RSS.value:
+    results['peak_rss_mib'] = peak_rss_of_training()
+  results['pyro_reference'] = PYRO
+  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+  with open(_OUTPUT.value, 'w') as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  print(format_table(results))
+
+
+def format_table(r) -> str:
+  rows = [
+    (
+      'train images/s (batch 64)',
+      r['train_images_per_s'],
+      PYRO['train_images_per_s'],
+    ),
+    (
+      'infer ms/image (batch 64)',
+      r['infer_ms_per_image_b64'],
+      PYRO['infer_ms_per_image_b64'],
+    ),
+    (
+      'infer ms/image (batch 1)',
+      r['infer_ms_per_image_b1'],
+      PYRO['infer_ms_per_image_b1'],
+    ),
+    (
+      'peak RSS MiB (training)',
+      r.get('peak_rss_mib', float('nan')),
+      PYRO['peak_rss_mib'],
+    ),
+  ]
+  out = [f'{"metric":<28} {"air_jax":>10} {"Pyro":>8} {"ratio":>7}']
+  for name, ours, pyro in rows:
+    ratio = ours / pyro if 'images/s' in name else pyro / ours
+    out.append(f'{name:<28} {ours:>10.4g} {pyro:>8.4g} {ratio:>6.1f}x')
+  out.append(
+    f'compile s: {r["compile_s"]:.1f}, traces: {r["train_step_traces"]}'
+  )
+  out.append(
+    f'FLOPs/image: train {r["train_mflop_per_image"]:.1f} M, infer '
+    f'{r["infer_mflop_per_image"]:.1f} M; matmul {r["matmul_gflop_per_s"]:.0f} '
+    f'GFLOP/s; train at {100 * r["train_fraction_of_matmul_peak"]:.0f}% and '
+    f'infer b64 at {100 * r["infer_b64_fraction_of_matmul_peak"]:.0f}% of it'
+  )
+  curve = ', '.join(
+    f'{k.split("b")[-1]}: {v:.0f}'
+    for k, v in r.items()
+    if k.startswith('train_images_per_s_b') and not k.endswith('best')
+  )
+  out.append(f'train images/s by batch: {curve}')
+  steps = ', '.join(
+    f'{k.split("max_steps")[-1]}: {v:.1f}'
+    for k, v in r.items()
+    if 'max_steps' in k
+  )
+  out.append(f'train ms/step by max_steps: {steps}')
+  out.append(f'data pipeline: {r["pipeline_images_per_s"]:.0f} images/s')
+  return '\n'.join(out)
+
+
+if __name__ == '__main__':
+  app.run(main)
