@@ -142,6 +142,9 @@ class InferenceCell(nn.Module):
       softplus times it.
     z_pres_estimator: 'reinforce' or 'concrete'.
     concrete_temperature: temperature of the Concrete relaxation.
+    z_pres_logit_bound: if > 0, the z_pres logit is squashed to
+      (-bound, bound) with bound * tanh(logit / bound), keeping q away from
+      0 and 1 so the score-function estimator keeps exploring.
   """
 
   image_size: tuple[int, int]
@@ -153,6 +156,7 @@ class InferenceCell(nn.Module):
   z_where_prior_scale: tuple[float, float, float] = (0.2, 1.0, 1.0)
   z_pres_estimator: str = 'reinforce'
   concrete_temperature: float = 0.5
+  z_pres_logit_bound: float = 0.0
 
   def setup(self):
     self.lstm = networks.LSTM(self.lstm_size)
@@ -195,7 +199,11 @@ class InferenceCell(nn.Module):
     )
     sample_normal = jax.vmap(distributions.sample_normal)
 
-    z_pres_prob = nn.sigmoid(self.z_pres_head(lstm_state.h)[:, 0])
+    logit = self.z_pres_head(lstm_state.h)[:, 0]
+    if self.z_pres_logit_bound > 0:
+      bound = self.z_pres_logit_bound
+      logit = bound * jnp.tanh(logit / bound)
+    z_pres_prob = nn.sigmoid(logit)
     z_pres = sample_z_pres(
       rng_pres,
       z_pres_prob,
@@ -258,6 +266,7 @@ class AIR(nn.Module):
     difference: DAIR: the LSTM and the glimpses see image - canvas so far.
     z_pres_estimator: 'reinforce' or 'concrete'.
     concrete_temperature: temperature of the Concrete relaxation.
+    z_pres_logit_bound: see InferenceCell.
     use_baseline: build the baseline network.
     baseline_shares_projection: the baseline LSTM reads the inference
       network's image projection (stop-gradient) instead of projecting the
@@ -280,6 +289,7 @@ class AIR(nn.Module):
   difference: bool = False
   z_pres_estimator: str = 'reinforce'
   concrete_temperature: float = 0.5
+  z_pres_logit_bound: float = 0.0
   use_baseline: bool = True
   baseline_shares_projection: bool = True
   baseline_lstm_size: int = 256
@@ -304,6 +314,7 @@ class AIR(nn.Module):
       z_where_prior_scale=self.z_where_prior_scale,
       z_pres_estimator=self.z_pres_estimator,
       concrete_temperature=self.concrete_temperature,
+      z_pres_logit_bound=self.z_pres_logit_bound,
     )
     self.lstm_init = self.param(
       'lstm_init', nn.initializers.zeros, (2, self.lstm_size)

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 
 _EPS = 1e-7
+# Smallest prior probability used in a log: keeps p = 1e-30 (69 nats per
+# object) representable in float32 while avoiding log(0).
+_MIN_PRIOR = 1e-35
 
 
 class NormalParams(NamedTuple):
@@ -22,6 +25,39 @@ class NormalParams(NamedTuple):
 
   loc: jax.Array
   scale: jax.Array
+
+
+def anneal(
+  step: jax.Array | int,
+  *,
+  init: float,
+  final: float,
+  anneal_steps: int,
+  schedule: str = 'exponential',
+) -> jax.Array:
+  """A value moving from `init` (step 0) to `final` (step `anneal_steps` on).
+
+  Args:
+    step: the training step (scalar).
+    init: value at step 0.
+    final: value from `anneal_steps` on.
+    anneal_steps: length of the annealing; 0 means `final` from the start.
+    schedule: 'exponential' (linear in log value), 'linear', or 'constant'
+      (always `final`).
+
+  Returns:
+    Scalar float32.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  if schedule == 'constant' or anneal_steps <= 0:
+    return jnp.asarray(final, jnp.float32)
+  frac = jnp.clip(step / anneal_steps, 0.0, 1.0)
+  if schedule == 'linear':
+    return (1.0 - frac) * init + frac * final
+  if schedule == 'exponential':
+    log_p = (1.0 - frac) * math.log(init) + frac * math.log(final)
+    return jnp.exp(log_p)
+  raise ValueError(f'Unknown schedule {schedule!r}.')
 
 
 def z_pres_prior_prob(
@@ -34,27 +70,11 @@ def z_pres_prior_prob(
 ) -> jax.Array:
   """Per-step success probability of the count prior at a training step.
 
-  Args:
-    step: the training step (scalar).
-    init: probability at step 0.
-    final: probability from `anneal_steps` on.
-    anneal_steps: length of the annealing; 0 means `final` from the start.
-    schedule: 'exponential' (linear in log p, as the paper annealed from
-      near 1 to 1e-5), 'linear' (linear in p) or 'constant' (always `final`).
-
-  Returns:
-    Scalar float32 probability.
+  `anneal` of p: the paper annealed it log-linearly from near 1 to 1e-5.
   """
-  step = jnp.asarray(step, jnp.float32)
-  if schedule == 'constant' or anneal_steps <= 0:
-    return jnp.asarray(final, jnp.float32)
-  frac = jnp.clip(step / anneal_steps, 0.0, 1.0)
-  if schedule == 'linear':
-    return (1.0 - frac) * init + frac * final
-  if schedule == 'exponential':
-    log_p = (1.0 - frac) * math.log(init) + frac * math.log(final)
-    return jnp.exp(log_p)
-  raise ValueError(f'Unknown schedule {schedule!r}.')
+  return anneal(
+    step, init=init, final=final, anneal_steps=anneal_steps, schedule=schedule
+  )
 
 
 def count_prior_probs(z_pres_prob: jax.Array | float, max_steps: int):
@@ -76,7 +96,7 @@ def count_prior_probs(z_pres_prob: jax.Array | float, max_steps: int):
 def bernoulli_kl(q: jax.Array, p: jax.Array) -> jax.Array:
   """KL(Bernoulli(q) || Bernoulli(p)), elementwise, finite for q in [0, 1]."""
   q = jnp.clip(q, 0.0, 1.0)
-  p = jnp.clip(p, _EPS, 1.0 - _EPS)
+  p = jnp.clip(p, _MIN_PRIOR, 1.0 - _EPS)
   # xlogy gives 0 log 0 = 0 at q in {0, 1}.
   return (
     jax.scipy.special.xlogy(q, q)

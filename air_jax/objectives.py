@@ -29,6 +29,7 @@ from air_jax import air
 from air_jax import distributions
 
 LIKELIHOODS = ('normal', 'bernoulli')
+Z_PRES_KLS = ('analytic', 'sampled')
 SIGNALS = ('downstream', 'elbo')
 
 
@@ -108,6 +109,7 @@ def elbo_terms(
   z_where_prior: distributions.NormalParams,
   likelihood: str = 'normal',
   likelihood_std: float = 0.3,
+  z_pres_kl: str = 'analytic',
 ) -> ELBOTerms:
   """The ELBO of each image from one posterior sample.
 
@@ -118,14 +120,30 @@ def elbo_terms(
     z_where_prior: NormalParams with [3] fields.
     likelihood: see `log_likelihood`.
     likelihood_std: see `log_likelihood`.
+    z_pres_kl: 'analytic': KL_pres_t = mask_t KL(q_t || p), the expectation
+      over z_pres_t; 'sampled': log q(z_pres_t) - log p(z_pres_t) at the
+      sampled z_pres_t (as Pyro's TraceGraph_ELBO; the same expectation,
+      and then part of step t's own REINFORCE signal).
 
   Returns:
     ELBOTerms.
   """
   ll = log_likelihood(output.canvas, images, likelihood, likelihood_std)
-  kl_pres = output.mask * distributions.bernoulli_kl(
-    output.z_pres_prob, jnp.asarray(z_pres_prior_prob, jnp.float32)
-  )
+  prior = jnp.asarray(z_pres_prior_prob, jnp.float32)
+  if z_pres_kl == 'analytic':
+    kl_pres = output.mask * distributions.bernoulli_kl(
+      output.z_pres_prob, prior
+    )
+  elif z_pres_kl == 'sampled':
+    kl_pres = z_pres_log_prob(
+      output.z_pres, output.z_pres_prob, output.mask
+    ) - z_pres_log_prob(
+      output.z_pres, jnp.broadcast_to(prior, output.z_pres.shape), output.mask
+    )
+  else:
+    raise ValueError(
+      f'z_pres_kl must be one of {Z_PRES_KLS}, got {z_pres_kl!r}.'
+    )
   where_q = distributions.NormalParams(output.z_where_loc, output.z_where_scale)
   what_q = distributions.NormalParams(output.z_what_loc, output.z_what_scale)
   kl_where = output.z_pres * distributions.normal_kl(where_q, z_where_prior)
@@ -150,8 +168,15 @@ def downstream_signal(log_lik: jax.Array, step_costs: jax.Array) -> jax.Array:
   return log_lik[:, None] - costs_from_t
 
 
-def step_costs(terms: ELBOTerms) -> jax.Array:
-  """[B, N] cost_t = KL_where_t + KL_what_t + KL_pres_{t+1} (see module doc)."""
+def step_costs(terms: ELBOTerms, z_pres_kl: str = 'analytic') -> jax.Array:
+  """[B, N] the costs that step t's choice z_pres_t brings about.
+
+  Analytic: cost_t = KL_where_t + KL_what_t + KL_pres_{t+1} (see module
+  doc). Sampled: cost_t = KL_pres_t + KL_where_t + KL_what_t (the sampled
+  log-ratio of z_pres_t depends on the choice itself).
+  """
+  if z_pres_kl == 'sampled':
+    return terms.kl_pres + terms.kl_where + terms.kl_what
   next_kl_pres = jnp.pad(terms.kl_pres[:, 1:], ((0, 0), (0, 1)))
   return terms.kl_where + terms.kl_what + next_kl_pres
 
@@ -169,7 +194,7 @@ def z_pres_log_prob(
   Returns:
     [B, N] log-probabilities.
   """
-  p = jnp.clip(z_pres_prob, 1e-6, 1.0 - 1e-6)
+  p = jnp.clip(z_pres_prob, 1e-35, 1.0 - 1e-7)
   log_q = z_pres * jnp.log(p) + (1.0 - z_pres) * jnp.log1p(-p)
   return mask * log_q
 
@@ -231,6 +256,7 @@ def air_loss(
   signal: str = 'downstream',
   nvil: NVILState | None = None,
   nvil_scale: bool = False,
+  z_pres_kl: str = 'analytic',
 ) -> tuple[jax.Array, LossAux]:
   """The scalar to minimise: -mean(ELBO + surrogate) + baseline loss.
 
@@ -252,6 +278,7 @@ def air_loss(
       does. Beware: this reweights the score-function term against the
       pathwise gradients of the analytic KLs and the likelihood, so the
       total gradient is no longer that of the ELBO.
+    z_pres_kl: see `elbo_terms`.
 
   Returns:
     (loss, LossAux).
@@ -263,9 +290,10 @@ def air_loss(
     z_where_prior,
     likelihood,
     likelihood_std,
+    z_pres_kl,
   )
   if signal == 'downstream':
-    raw = downstream_signal(terms.log_likelihood, step_costs(terms))
+    raw = downstream_signal(terms.log_likelihood, step_costs(terms, z_pres_kl))
   elif signal == 'elbo':
     raw = jnp.broadcast_to(terms.elbo[:, None], output.mask.shape)
   else:

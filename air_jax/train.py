@@ -73,6 +73,9 @@ class LossSettings(NamedTuple):
   use_nvil: bool
   nvil_scale: bool
   nvil_decay: float
+  z_pres_kl: str = 'analytic'
+  likelihood_std_init: float = 0.0
+  likelihood_std_anneal_steps: int = 0
 
   def prior_prob(self, step) -> jax.Array:
     return distributions.z_pres_prior_prob(
@@ -81,6 +84,17 @@ class LossSettings(NamedTuple):
       final=self.prior_final,
       anneal_steps=self.prior_anneal_steps,
       schedule=self.prior_schedule,
+    )
+
+  def likelihood_std_at(self, step) -> jax.Array:
+    """The pixel std at a step: annealed from likelihood_std_init if set."""
+    if self.likelihood_std_init <= 0 or self.likelihood_std_anneal_steps <= 0:
+      return jnp.asarray(self.likelihood_std, jnp.float32)
+    return distributions.anneal(
+      step,
+      init=self.likelihood_std_init,
+      final=self.likelihood_std,
+      anneal_steps=self.likelihood_std_anneal_steps,
     )
 
   def z_where_prior(self) -> distributions.NormalParams:
@@ -116,6 +130,11 @@ def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     use_nvil=bool(config.nvil),
     nvil_scale=bool(config.get('nvil_scale', False)),
     nvil_decay=float(config.nvil_decay),
+    z_pres_kl=str(config.get('z_pres_kl', 'analytic')),
+    likelihood_std_init=float(config.get('likelihood_std_init', 0.0)),
+    likelihood_std_anneal_steps=int(
+      config.get('likelihood_std_anneal_steps', 0)
+    ),
   )
 
 
@@ -219,11 +238,12 @@ def train_step(
       prior_prob,
       settings.z_where_prior(),
       likelihood=settings.likelihood,
-      likelihood_std=settings.likelihood_std,
+      likelihood_std=settings.likelihood_std_at(state.step),
       z_pres_estimator=settings.z_pres_estimator,
       signal=settings.signal,
       nvil=state.nvil if settings.use_nvil else None,
       nvil_scale=settings.nvil_scale,
+      z_pres_kl=settings.z_pres_kl,
     )
     return loss, (out, aux)
 
@@ -283,6 +303,7 @@ def train_step(
     'baseline_loss': aux.baseline_loss,
     'mean_count': jnp.mean(jnp.sum(out.z_pres, 1)),
     'z_pres_prior_prob': prior_prob,
+    'likelihood_std': settings.likelihood_std_at(state.step),
     'nonfinite': (~finite).astype(jnp.float32),
     **grad_norms,
   }

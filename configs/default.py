@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.difference = False  # True: DAIR.
   config.model.z_pres_estimator = 'reinforce'  # Or 'concrete'.
   config.model.concrete_temperature = 0.5  # Only for 'concrete'.
+  config.model.z_pres_logit_bound = (
+    3.0  # q(z_pres) kept in sigmoid(+-3): explores.
+  )
   config.model.use_baseline = True  # Learned REINFORCE baseline network.
   config.model.baseline_shares_projection = True  # Reads sg(image features).
   config.model.baseline_lstm_size = 256  # Baseline LSTM width.
@@ -63,7 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.likelihood = 'normal'  # Or 'bernoulli'.
   config.likelihood_std = 0.3  # Pixel std of the Normal likelihood.
+  config.likelihood_std_init = 1.0  # Std annealed from this value ...
+  config.likelihood_std_anneal_steps = (
+    5_000  # ... to likelihood_std (log-linear).
+  )
   config.signal = 'downstream'  # REINFORCE signal: 'downstream' or 'elbo'.
+  config.z_pres_kl = 'analytic'  # Or 'sampled' (log-ratio at the sample).
   config.nvil = False  # Centre the signal by its running mean (NVIL).
   config.nvil_scale = (
     False  # Also divide by its running std (biases, see objectives).
@@ -74,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 1e-4  # Adam, model.
   config.baseline_learning_rate = 1e-3  # Adam, baseline network.
   config.grad_clip_norm = 0.0  # Global-norm clipping; 0 is off.
-  config.num_train_steps = 20_000  # Total steps.
+  config.num_train_steps = 10_000  # Total steps.
 
   config.log_every_steps = 100  # Train metrics and progress bar.
   config.eval_every_steps = 1_000  # Test-split evaluation.

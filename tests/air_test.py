@@ -214,3 +214,23 @@ def test_training_on_synthetic_images_improves_the_elbo():
   assert np.all(np.isfinite(elbos))
   # Per image, 400 pixels: the ELBO must rise by well over 100 nats.
   assert last > first + 100, (first, last)
+
+
+def test_logit_bound_keeps_q_away_from_zero_and_one():
+  model = air.AIR(**SMALL, z_pres_logit_bound=2.0)
+  images = jax.random.uniform(jax.random.key(13), (8, 20, 20))
+  params = _init(model, images)
+  # Push the z_pres head far out: q would be 1 without the bound.
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, x: x + 100.0
+    if 'z_pres_head' in jax.tree_util.keystr(path)
+    else x,
+    params,
+  )
+  out = model.apply(
+    {'params': params}, images, rngs={'sample': jax.random.key(0)}
+  )
+  q = np.asarray(out.z_pres_prob)
+  bound = 1.0 / (1.0 + np.exp(-2.0))
+  assert np.all(q <= bound + 1e-6) and np.all(q >= 1 - bound - 1e-6)
+  assert q.max() > 0.85

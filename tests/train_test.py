@@ -235,3 +235,19 @@ def test_pmap_on_two_devices_matches_one_device():
   # Same per-example randomness; only the order of float sums differs.
   assert maxdiff < 1e-5, maxdiff
   assert loss2 == pytest.approx(loss1, rel=1e-5)
+
+
+def test_likelihood_std_is_annealed_from_its_initial_value():
+  config = _tiny_config()
+  config.likelihood_std_init = 1.0
+  config.likelihood_std_anneal_steps = 100
+  settings = train.loss_settings(config)
+  assert float(settings.likelihood_std_at(0)) == pytest.approx(1.0)
+  assert float(settings.likelihood_std_at(50)) == pytest.approx(
+    np.sqrt(0.3), rel=1e-5
+  )
+  assert float(settings.likelihood_std_at(1000)) == pytest.approx(0.3, rel=1e-5)
+  config.likelihood_std_init = 0.0
+  assert float(
+    train.loss_settings(config).likelihood_std_at(0)
+  ) == pytest.approx(0.3)
