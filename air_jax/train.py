@@ -466,12 +466,29 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def save_params(params, directory: str, config: ml_collections.ConfigDict):
-  """Writes float32 parameters and the config: a standalone model export."""
+def save_params(
+  params,
+  directory: str,
+  config: ml_collections.ConfigDict,
+  inference_only: bool = True,
+):
+  """Writes float32 parameters and the config: a standalone model export.
+
+  Args:
+    params: model parameters.
+    directory: created if needed; gets params.msgpack and config.json.
+    config: the run's config.
+    inference_only: drop the REINFORCE baseline network (not needed to
+      infer or generate) and record `model.use_baseline = False`.
+  """
   os.makedirs(directory, exist_ok=True)
   params = jax.tree.map(
     lambda x: np.asarray(x, np.float32), jax.device_get(params)
   )
+  if inference_only:
+    params = {k: v for k, v in params.items() if not k.startswith('baseline')}
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.use_baseline = False
   with open(os.path.join(directory, PARAMS_FILE), 'wb') as f:
     f.write(flax.serialization.msgpack_serialize(params))
   save_config(config, directory)
@@ -665,6 +682,7 @@ def train_and_evaluate(
           'stopping. The last checkpoint holds finite parameters.'
         )
       elapsed = time.time() - t_log
+      scalars['unix_time'] = time.time()  # For curves against wall time.
       scalars['images_per_s'] = (
         (step - step_log) * config.batch_size / max(elapsed, 1e-9)
       )

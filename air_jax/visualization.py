@@ -108,3 +108,86 @@ def reconstruction_grid(
 
 def save_png(path: str, image: np.ndarray) -> None:
   Image.fromarray(image).save(path)
+
+
+def _read_curves(workdir: str, split: str):
+  """(steps, accuracies, elbos, seconds or None) of a run's eval records."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  evals, times = [], {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if f'eval_{split}/count_accuracy' in record:
+        evals.append(record)
+      if 'train/unix_time' in record:
+        times[record['step']] = record['train/unix_time']
+  steps = np.array([r['step'] for r in evals], float)
+  acc = np.array([r[f'eval_{split}/count_accuracy'] for r in evals])
+  elbo = np.array([r[f'eval_{split}/elbo'] for r in evals])
+  seconds = None
+  if times and all(int(s) in times for s in steps):
+    start = min(times.values())
+    seconds = np.array([times[int(s)] - start for s in steps])
+  return steps, acc, elbo, seconds
+
+
+def _panel(series, title, x_label, size=(420, 300)):
+  """A line chart of [(x, y, colour, name)] on white, axes labelled."""
+  width, height = size
+  pic = Image.new('RGB', size, 'white')
+  draw = ImageDraw.Draw(pic)
+  left, right, top, bottom = 50, width - 10, 25, height - 35
+  xs = np.concatenate([s[0] for s in series if len(s[0])] or [np.zeros(1)])
+  ys = np.concatenate([s[1] for s in series if len(s[1])] or [np.zeros(1)])
+  x0, x1 = float(xs.min()), float(xs.max()) or 1.0
+  y0, y1 = float(ys.min()), float(ys.max())
+  if y1 - y0 < 1e-9:
+    y1 = y0 + 1.0
+
+  def to_px(x, y):
+    px = left + (x - x0) / max(x1 - x0, 1e-9) * (right - left)
+    py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    return px, py
+
+  draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+  draw.text((left, 5), title, fill=(0, 0, 0))
+  draw.text(
+    (left, bottom + 18), f'{x_label}: {x0:.0f} .. {x1:.0f}', fill=(0, 0, 0)
+  )
+  draw.text((2, top), f'{y1:.3g}', fill=(0, 0, 0))
+  draw.text((2, bottom - 10), f'{y0:.3g}', fill=(0, 0, 0))
+  for k, (x, y, colour, name) in enumerate(series):
+    if len(x) == 0:
+      continue
+    points = [to_px(a, b) for a, b in zip(x, y)]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    draw.text((right - 120, top + 5 + 12 * k), name, fill=colour)
+  return np.asarray(pic)
+
+
+def curves_png(workdirs, split: str = 'test') -> np.ndarray:
+  """Accuracy and ELBO against steps and wall time for several runs."""
+  import os  # pylint: disable=g-import-not-at-top
+
+  runs = []
+  for k, workdir in enumerate(workdirs):
+    colour = STEP_COLOURS[k % len(STEP_COLOURS)]
+    name = os.path.basename(os.path.normpath(workdir))
+    runs.append((name, colour, *_read_curves(workdir, split)))
+  panels = []
+  for metric, index in (('count accuracy', 3), ('ELBO', 4)):
+    panels.append(
+      _panel(
+        [(r[2], r[index], r[1], r[0]) for r in runs],
+        f'{split} {metric}',
+        'step',
+      )
+    )
+    timed = [(r[5], r[index], r[1], r[0]) for r in runs if r[5] is not None]
+    panels.append(_panel(timed, f'{split} {metric}', 'seconds'))
+  top = np.concatenate(panels[0:2], axis=1)
+  bottom = np.concatenate(panels[2:4], axis=1)
+  return np.concatenate([top, bottom], axis=0)
