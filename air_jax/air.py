@@ -480,16 +480,5 @@ class AIR(nn.Module):
     else:
       canvas, windows = self.render(steps.z_pres, steps.z_where, steps.z_what)
     return AIROutput(
-      z_pres=steps.z_pres,
-      z_pres_prob=steps.z_pres_prob,
-      mask=steps.mask,
-      z_where=steps.z_where,
-      z_where_loc=steps.z_where_loc,
-      z_where_scale=steps.z_where_scale,
-      z_what=steps.z_what,
-      z_what_loc=steps.z_what_loc,
-      z_what_scale=steps.z_what_scale,
-      windows=windows,
-      canvas=canvas,
-      baseline=baseline,
+      **steps._asdict(), windows=windows, canvas=canvas, baseline=baseline
     )

@@ -60,21 +60,13 @@ def anneal(
   raise ValueError(f'Unknown schedule {schedule!r}.')
 
 
-def z_pres_prior_prob(
-  step: jax.Array | int,
-  *,
-  init: float,
-  final: float,
-  anneal_steps: int,
-  schedule: str = 'exponential',
-) -> jax.Array:
-  """Per-step success probability of the count prior at a training step.
+def z_pres_prior_prob(step: jax.Array | int, **schedule) -> jax.Array:
+  """Per-step success probability p of the count prior at a training step.
 
-  `anneal` of p: the paper annealed it log-linearly from near 1 to 1e-5.
+  `anneal(step, **schedule)`: the paper annealed p log-linearly from near 1
+  to 1e-5; 'constant' keeps `final`.
   """
-  return anneal(
-    step, init=init, final=final, anneal_steps=anneal_steps, schedule=schedule
-  )
+  return anneal(step, **schedule)
 
 
 def count_prior_probs(z_pres_prob: jax.Array | float, max_steps: int):
