@@ -18,7 +18,7 @@ Two additions make counting emerge (WORKSPACE.md has the evidence):
 
 Expected (measured): seed 0 reaches test count accuracy 0.94 at 4k steps
 and oscillates between 0.96 and 0.98 from 7k on; other seeds are slower,
-and one of four stayed at 0.66 (pairs read as one digit) through 8k: see
+and one of seven stayed at 0.66 (pairs read as one digit) through 8k: see
 WORKSPACE.md for every seed.
 """
 
