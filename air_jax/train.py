@@ -228,6 +228,7 @@ def train_step(
   device = jax.lax.axis_index(axis_name) if axis_name else 0
   keys = example_keys(seed, state.step, device * b, b)
   prior_prob = settings.prior_prob(state.step)
+  likelihood_std = settings.likelihood_std_at(state.step)
 
   def loss_fn(params):
     # One key per example: samples do not depend on the device split.
@@ -238,7 +239,7 @@ def train_step(
       prior_prob,
       settings.z_where_prior(),
       likelihood=settings.likelihood,
-      likelihood_std=settings.likelihood_std_at(state.step),
+      likelihood_std=likelihood_std,
       z_pres_estimator=settings.z_pres_estimator,
       signal=settings.signal,
       nvil=state.nvil if settings.use_nvil else None,
@@ -303,7 +304,7 @@ def train_step(
     'baseline_loss': aux.baseline_loss,
     'mean_count': jnp.mean(jnp.sum(out.z_pres, 1)),
     'z_pres_prior_prob': prior_prob,
-    'likelihood_std': settings.likelihood_std_at(state.step),
+    'likelihood_std': likelihood_std,
     'nonfinite': (~finite).astype(jnp.float32),
     **grad_norms,
   }

@@ -3,6 +3,9 @@
 Glossary of shapes: B batch, N steps, H, W image.
 """
 
+import json
+import os
+
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -112,9 +115,6 @@ def save_png(path: str, image: np.ndarray) -> None:
 
 def _read_curves(workdir: str, split: str):
   """(steps, accuracies, elbos, seconds or None) of a run's eval records."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
   evals, times = [], {}
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
@@ -170,8 +170,6 @@ def _panel(series, title, x_label, size=(420, 300)):
 
 def curves_png(workdirs, split: str = 'test') -> np.ndarray:
   """Accuracy and ELBO against steps and wall time for several runs."""
-  import os  # pylint: disable=g-import-not-at-top
-
   runs = []
   for k, workdir in enumerate(workdirs):
     colour = STEP_COLOURS[k % len(STEP_COLOURS)]
