@@ -10,7 +10,6 @@ objects n in {0..N} has P(n) = p^n (1 - p) for n < N and P(N) = p^N.
 import math
 from typing import NamedTuple
 
-import distrax
 import jax
 import jax.numpy as jnp
 
@@ -116,14 +115,15 @@ def normal_kl(q: NormalParams, p: NormalParams) -> jax.Array:
     p: prior, fields broadcastable to [..., K].
 
   Returns:
-    [...] KL in nats (analytic, via distrax).
+    [...] KL in nats, in closed form:
+    log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2.
+    (Written in jnp rather than through distrax, whose import costs about
+    45 MiB of RSS in every training process; the tests check it against
+    distrax.)
   """
-  q_dist = distrax.Normal(q.loc, q.scale)
-  p_dist = distrax.Normal(
-    jnp.broadcast_to(p.loc, q.loc.shape),
-    jnp.broadcast_to(p.scale, q.scale.shape),
-  )
-  return jnp.sum(q_dist.kl_divergence(p_dist), axis=-1)
+  ratio = q.scale / p.scale
+  z = (q.loc - p.loc) / p.scale
+  return jnp.sum(0.5 * (ratio * ratio + z * z) - 0.5 - jnp.log(ratio), -1)
 
 
 def standard_normal_like(x: jax.Array) -> NormalParams:

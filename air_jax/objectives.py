@@ -69,8 +69,7 @@ class LossAux(NamedTuple):
   signal: jax.Array  # [B, N] learning signal per step (before baseline).
   advantage: jax.Array  # [B, N] what multiplies the score, masked.
   baseline_loss: jax.Array  # []
-  signal_mean: jax.Array  # [] masked mean of the raw signal (for NVIL).
-  signal_var: jax.Array  # [] masked variance of the raw signal.
+  signal_sums: 'SignalSums'  # Of the raw signal where a choice was made.
 
 
 def log_likelihood(
@@ -236,12 +235,26 @@ def baseline_loss(
   return jnp.mean(jnp.sum(mask * err * err, axis=1))
 
 
-def masked_moments(x: jax.Array, mask: jax.Array):
-  """Mean and variance of x over the entries where mask is 1."""
-  count = jnp.maximum(jnp.sum(mask), 1.0)
-  mean = jnp.sum(mask * x) / count
-  var = jnp.sum(mask * (x - mean) ** 2) / count
-  return mean, var
+class SignalSums(NamedTuple):
+  """Masked count, sum and sum of squares of the learning signal.
+
+  Sums (not moments) so that data-parallel devices can add theirs up before
+  `moments` turns them into the global batch's mean and variance.
+  """
+
+  count: jax.Array  # []
+  total: jax.Array  # []
+  total_sq: jax.Array  # []
+
+  @classmethod
+  def of(cls, x: jax.Array, mask: jax.Array) -> 'SignalSums':
+    return cls(jnp.sum(mask), jnp.sum(mask * x), jnp.sum(mask * x * x))
+
+  def moments(self) -> tuple[jax.Array, jax.Array]:
+    """(mean, variance); (0, 0) when nothing was counted."""
+    count = jnp.maximum(self.count, 1.0)
+    mean = self.total / count
+    return mean, jnp.maximum(self.total_sq / count - mean * mean, 0.0)
 
 
 def air_loss(
@@ -257,6 +270,7 @@ def air_loss(
   nvil: NVILState | None = None,
   nvil_scale: bool = False,
   z_pres_kl: str = 'analytic',
+  baseline_moments: NVILState | None = None,
 ) -> tuple[jax.Array, LossAux]:
   """The scalar to minimise: -mean(ELBO + surrogate) + baseline loss.
 
@@ -279,6 +293,14 @@ def air_loss(
       pathwise gradients of the analytic KLs and the likelihood, so the
       total gradient is no longer that of the ELBO.
     z_pres_kl: see `elbo_terms`.
+    baseline_moments: if given (running mean m and variance v of the
+      signal, from earlier batches), the baseline network's output is in
+      standard units: the baseline is m + sqrt(v) * output and it is fitted
+      to (target - m) / sqrt(v). A network whose output starts near 0 then
+      tracks a signal of hundreds of nats from the first steps; without it,
+      Adam moves the output by about the learning rate per step and the
+      baseline lags far behind. The advantage is not rescaled, so the
+      estimator stays unbiased.
 
   Returns:
     (loss, LossAux).
@@ -298,9 +320,10 @@ def air_loss(
     raw = jnp.broadcast_to(terms.elbo[:, None], output.mask.shape)
   else:
     raise ValueError(f'signal must be one of {SIGNALS}, got {signal!r}.')
+  if nvil is not None and baseline_moments is not None:
+    raise ValueError('Use NVIL centring or a normalised baseline, not both.')
   raw = jax.lax.stop_gradient(raw)
   mask = output.mask
-  signal_mean, signal_var = masked_moments(raw, mask)
 
   target = raw
   scale = 1.0
@@ -308,8 +331,15 @@ def air_loss(
     target = raw - nvil.mean
     if nvil_scale:
       scale = jnp.maximum(1.0, jnp.sqrt(nvil.var))
-  advantage = mask * (target - output.baseline) / scale
-  b_loss = baseline_loss(output.baseline, target, mask)
+  if baseline_moments is None:
+    baseline = output.baseline
+    b_loss = baseline_loss(baseline, target, mask)
+  else:
+    shift = baseline_moments.mean
+    unit = jnp.sqrt(jnp.maximum(baseline_moments.var, 1e-6))
+    baseline = shift + unit * output.baseline
+    b_loss = baseline_loss(output.baseline, (target - shift) / unit, mask)
+  advantage = mask * (target - baseline) / scale
 
   objective = terms.elbo
   if z_pres_estimator == 'reinforce':
@@ -321,8 +351,7 @@ def air_loss(
     signal=raw,
     advantage=advantage,
     baseline_loss=b_loss,
-    signal_mean=signal_mean,
-    signal_var=signal_var,
+    signal_sums=SignalSums.of(raw, mask),
   )
 
 

@@ -4,6 +4,7 @@ Glossary of shapes: D local devices, B global batch, b = B / D per device,
 H, W image, N steps.
 """
 
+import ctypes
 import functools
 import json
 import os
@@ -76,6 +77,7 @@ class LossSettings(NamedTuple):
   z_pres_kl: str = 'analytic'
   likelihood_std_init: float = 0.0
   likelihood_std_anneal_steps: int = 0
+  normalised_baseline: bool = False
 
   def prior_prob(self, step) -> jax.Array:
     return distributions.z_pres_prior_prob(
@@ -135,6 +137,7 @@ def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     likelihood_std_anneal_steps=int(
       config.get('likelihood_std_anneal_steps', 0)
     ),
+    normalised_baseline=bool(config.get('normalised_baseline', False)),
   )
 
 
@@ -245,6 +248,7 @@ def train_step(
       nvil=state.nvil if settings.use_nvil else None,
       nvil_scale=settings.nvil_scale,
       z_pres_kl=settings.z_pres_kl,
+      baseline_moments=state.nvil if settings.normalised_baseline else None,
     )
     return loss, (out, aux)
 
@@ -276,11 +280,11 @@ def train_step(
   new_params, new_opt_state = jax.lax.cond(
     finite, update, lambda _: (state.params, state.opt_state), None
   )
-  signal_moments = (aux.signal_mean, aux.signal_var)
+  signal_sums = aux.signal_sums
   if axis_name:
-    signal_moments = jax.lax.pmean(signal_moments, axis_name)
+    signal_sums = jax.lax.psum(signal_sums, axis_name)
   new_nvil = objectives.update_nvil(
-    state.nvil, *signal_moments, settings.nvil_decay
+    state.nvil, *signal_sums.moments(), settings.nvil_decay
   )
   new_state = TrainState(
     step=state.step + 1,
@@ -560,7 +564,9 @@ def _check_same_structure(template, raw) -> None:
     )
 
 
-def compile_train_step(model, tx, settings, seed: int, num_devices: int):
+def compile_train_step(
+  model, tx, settings, seed: int, num_devices: int, state=None, images=None
+):
   """`train_step` pmapped over local devices, or jitted on a single one.
 
   With several devices the state is replicated (leading device axis); with
@@ -568,19 +574,42 @@ def compile_train_step(model, tx, settings, seed: int, num_devices: int):
   single device measured slower than jit, with the same math). Either way
   the returned function takes images [D, b, H, W], returns metrics with a
   leading [D] axis, and donates the state.
+
+  Given an example `state` (in that layout) and `images` (arrays or
+  jax.ShapeDtypeStruct), the step is compiled now, ahead of time, rather
+  than at its first call.
   """
   step = functools.partial(
     train_step, model=model, tx=tx, settings=settings, seed=seed
   )
   if num_devices > 1:
-    return jax.pmap(step, axis_name='batch', donate_argnums=(0,))
+    fn = jax.pmap(step, axis_name='batch', donate_argnums=(0,))
+    if state is None:
+      return fn
+    return fn.lower(state, images).compile()
   single = jax.jit(functools.partial(step, axis_name=None), donate_argnums=(0,))
+  if state is not None:
+    one = jax.ShapeDtypeStruct(images.shape[1:], images.dtype)
+    single = single.lower(state, one).compile()
 
   def run(state, images):
     state, metrics = single(state, images[0])
     return state, jax.tree.map(lambda x: x[None], metrics)
 
   return run
+
+
+def release_free_memory() -> None:
+  """Returns the C heap's free pages to the OS (glibc only; else a no-op).
+
+  XLA's compiler allocates several hundred MiB of short-lived memory; glibc
+  keeps it mapped after it is freed, so everything allocated later (the
+  dataset) would stack on top of it in the peak RSS.
+  """
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def replicate(tree, num_devices: int):
@@ -636,13 +665,6 @@ def train_and_evaluate(
 
   data = config.data
   input_pipeline.prepare(data.data_dir, data.mnist_dir, data.builder_config)
-  train_split = input_pipeline.load_split(
-    data.train_split, data.data_dir, data.builder_config
-  )
-  eval_split = input_pipeline.load_split(
-    data.eval_split, data.data_dir, data.builder_config, shard=False
-  )
-  logging.info('Train %d, eval %d examples.', train_split.size, eval_split.size)
 
   model = create_model(config)
   settings = loss_settings(config)
@@ -654,10 +676,31 @@ def train_and_evaluate(
     logging.info('Restored checkpoint at step %d.', latest)
   start_step = int(state.step)
 
-  p_train_step = compile_train_step(
-    model, tx, settings, config.seed, num_devices
-  )
+  # Compile before the dataset is in memory and hand the compiler's scratch
+  # memory back: the peak RSS is then that of compiling or of training, not
+  # their sum.
   state = replicate(state, num_devices)
+  size = config.model.image_size
+  p_train_step = compile_train_step(
+    model,
+    tx,
+    settings,
+    config.seed,
+    num_devices,
+    state=state,
+    images=jax.ShapeDtypeStruct(
+      (num_devices, local_batch // num_devices, size, size), jnp.float32
+    ),
+  )
+  release_free_memory()
+
+  train_split = input_pipeline.load_split(
+    data.train_split, data.data_dir, data.builder_config
+  )
+  eval_split = input_pipeline.load_split(
+    data.eval_split, data.data_dir, data.builder_config, shard=False
+  )
+  logging.info('Train %d, eval %d examples.', train_split.size, eval_split.size)
   writer = writers.MetricWriter(workdir)
   bar = writers.ProgressBar(config.num_train_steps, start_step)
   batches = input_pipeline.TrainIterator(
@@ -726,6 +769,7 @@ def train_and_evaluate(
         result.elbo,
         result.confusion,
       )
+      release_free_memory()  # The eval step's compile scratch.
 
     if step % config.image_every_steps == 0 or step == config.num_train_steps:
       _log_pictures(
@@ -736,6 +780,7 @@ def train_and_evaluate(
         unreplicate(state.params, num_devices),
         picture_images,
       )
+      release_free_memory()
 
     if (
       step % config.checkpoint_every_steps == 0

@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     False  # Also divide by its running std (biases, see objectives).
   )
   config.nvil_decay = 0.9  # Decay of those running moments.
+  config.normalised_baseline = True  # Baseline in units of those moments.
 
   config.batch_size = 64  # Global batch.
   config.learning_rate = 1e-4  # Adam, model.

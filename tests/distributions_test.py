@@ -92,6 +92,16 @@ def test_normal_kl_closed_form():
     ),
   )
   np.testing.assert_allclose(got, expected, rtol=1e-4)
+  # And against distrax's Normal, an independent implementation.
+  import distrax  # pylint: disable=g-import-not-at-top
+
+  reference = np.sum(
+    distrax.Normal(mq, sq).kl_divergence(
+      distrax.Normal(np.broadcast_to(mp, mq.shape), np.broadcast_to(sp, sq.shape))
+    ),
+    axis=1,
+  )
+  np.testing.assert_allclose(got, reference, rtol=1e-4)
 
 
 def test_relaxed_bernoulli_mean_tends_to_probability():

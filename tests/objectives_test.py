@@ -304,3 +304,58 @@ def test_enumeration_helper_sanity():
   )
   assert total == pytest.approx(1.0, abs=1e-6)
   assert len(list(itertools.product([0, 1], repeat=N_STEPS))) == 2**N_STEPS
+
+
+def test_normalised_baseline_is_in_units_of_the_running_moments():
+  m = 256
+  out = sample_outputs(jax.random.key(5), m)
+  images = jnp.broadcast_to(jnp.asarray(IMAGE), (m, H, H))
+  unit_output = jax.random.normal(jax.random.key(6), (m, N_STEPS))
+  out = out._replace(baseline=unit_output)
+  moments = objectives.NVILState(mean=jnp.asarray(-40.0), var=jnp.asarray(9.0))
+  common = dict(likelihood_std=STD)
+  _, plain = objectives.air_loss(out, images, PRIOR_P, WHERE_P, **common)
+  _, scaled = objectives.air_loss(
+    out, images, PRIOR_P, WHERE_P, baseline_moments=moments, **common
+  )
+  mask = np.asarray(out.mask)
+  signal = np.asarray(plain.signal)
+  # The baseline is mean + std * output; the advantage is not rescaled.
+  np.testing.assert_allclose(
+    scaled.advantage,
+    mask * (signal - (-40.0 + 3.0 * np.asarray(unit_output))),
+    rtol=1e-5,
+    atol=1e-3,
+  )
+  # The network is fitted to the standardised signal.
+  expected = np.mean(
+    np.sum(mask * ((signal + 40.0) / 3.0 - np.asarray(unit_output)) ** 2, 1)
+  )
+  assert float(scaled.baseline_loss) == pytest.approx(expected, rel=1e-5)
+  with pytest.raises(ValueError, match='not both'):
+    objectives.air_loss(
+      out,
+      images,
+      PRIOR_P,
+      WHERE_P,
+      nvil=moments,
+      baseline_moments=moments,
+      **common,
+    )
+
+
+def test_signal_sums_add_up_across_shards_to_the_global_moments():
+  rng = np.random.default_rng(11)
+  x = rng.normal(500.0, 40.0, (8, 3)).astype(np.float32)
+  mask = (rng.random((8, 3)) < 0.7).astype(np.float32)
+  halves = [
+    objectives.SignalSums.of(
+      jnp.asarray(x[i : i + 4]), jnp.asarray(mask[i : i + 4])
+    )
+    for i in (0, 4)
+  ]
+  whole = jax.tree.map(lambda a, b: a + b, *halves)
+  mean, var = whole.moments()
+  picked = x[mask == 1].astype(np.float64)
+  assert float(mean) == pytest.approx(picked.mean(), rel=1e-6)
+  assert float(var) == pytest.approx(picked.var(), rel=1e-3)
