@@ -248,7 +248,7 @@ class AIR(nn.Module):
   """AIR (or DAIR with `difference=True`): inference network and renderer.
 
   Call it on images [B, H, W] in [0, 1] with an rng stream named 'sample'
-  (or per-example `keys`).
+  (or per-example `keys`); with `deterministic=True` no rng is needed.
   A baseline network for the REINFORCE estimator, with its own LSTM and MLP
   on stop-gradient inputs, lives under the `baseline_*` parameters so an
   optimiser can give it its own learning rate.
@@ -404,7 +404,10 @@ class AIR(nn.Module):
     """
     b = images.shape[0]
     if keys is None:
-      keys = jax.random.split(self.make_rng('sample'), b)
+      # Modes need no randomness: the keys are then unused (and compiled
+      # away), so `deterministic=True` needs no 'sample' rng stream.
+      rng = jax.random.key(0) if deterministic else self.make_rng('sample')
+      keys = jax.random.split(rng, b)
     flat = images.reshape(b, -1)
     # The image is the same at every AIR step: project it once.
     image_gates = None if self.difference else self.image_projection(flat)
@@ -482,3 +485,18 @@ class AIR(nn.Module):
     return AIROutput(
       **steps._asdict(), windows=windows, canvas=canvas, baseline=baseline
     )
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def posterior_modes(model: AIR, params, images: jax.Array) -> AIROutput:
+  """`model` applied with posterior modes (z_pres = q > 0.5, means), jitted.
+
+  Args:
+    model: an AIR module (static: one compilation per module and shape).
+    params: its parameters.
+    images: [B, H, W] float in [0, 1].
+
+  Returns:
+    AIROutput.
+  """
+  return model.apply({'params': params}, images, deterministic=True)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from air_jax import air
 from air_jax import spatial_transformer
 from air_jax import train
 from air_jax import visualization
@@ -136,15 +137,12 @@ def infer_records(
     "z_pres_prob", "box": [top, left, height, width]}]} with boxes in pixel
     coordinates of the input (pixel i spans [i, i + 1]).
   """
-  apply = jax.jit(
-    lambda p, x: model.apply(
-      {'params': p}, x, deterministic=True, rngs={'sample': jax.random.key(0)}
-    )
-  )
   records = []
   for lo in range(0, len(images), batch_size):
     out = jax.device_get(
-      apply(params, jnp.asarray(images[lo : lo + batch_size]))
+      air.posterior_modes(
+        model, params, jnp.asarray(images[lo : lo + batch_size])
+      )
     )
     boxes = np.stack(
       list(
@@ -187,14 +185,7 @@ def write_pictures(
 ) -> list[str]:
   """One PNG per image with each present step's box drawn on the input."""
   os.makedirs(directory, exist_ok=True)
-  out = jax.device_get(
-    model.apply(
-      {'params': params},
-      jnp.asarray(images),
-      deterministic=True,
-      rngs={'sample': jax.random.key(0)},
-    )
-  )
+  out = jax.device_get(air.posterior_modes(model, params, jnp.asarray(images)))
   paths = []
   for i in range(len(images)):
     pic = visualization.draw_boxes(images[i], out.z_pres[i], out.z_where[i])

@@ -627,13 +627,8 @@ def unreplicate(tree, num_devices: int):
 
 
 def _log_pictures(writer, workdir, step, model, params, images):
-  out = model.apply(
-    {'params': params},
-    jnp.asarray(images),
-    deterministic=True,
-    rngs={'sample': jax.random.key(0)},
-  )
-  out = jax.device_get(out)
+  # Jitted: run eagerly, the scan compiled op by op (10 s, +180 MiB RSS).
+  out = jax.device_get(air.posterior_modes(model, params, jnp.asarray(images)))
   grid = visualization.reconstruction_grid(
     images, out.canvas, out.z_pres, out.z_where
   )
@@ -798,16 +793,6 @@ def train_and_evaluate(
   return final
 
 
-@functools.partial(jax.jit, static_argnames=('model',))
-def _mode_counts(params, images, *, model):
-  return model.apply(
-    {'params': params},
-    images,
-    deterministic=True,
-    rngs={'sample': jax.random.key(0)},
-  ).count
-
-
 def _batch_count_accuracy(model, params, images, true) -> float:
-  counts = _mode_counts(params, jnp.asarray(images), model=model)
+  counts = air.posterior_modes(model, params, jnp.asarray(images)).count
   return float(np.mean(np.asarray(counts) == true))
