@@ -68,7 +68,7 @@ class LossAux(NamedTuple):
   terms: ELBOTerms
   signal: jax.Array  # [B, N] learning signal per step (before baseline).
   advantage: jax.Array  # [B, N] what multiplies the score, masked.
-  baseline_loss: jax.Array  # []
+  baseline_loss: jax.Array  # [] (in standard units if normalised).
   signal_sums: 'SignalSums'  # Of the raw signal where a choice was made.
 
 

@@ -97,7 +97,9 @@ def test_normal_kl_closed_form():
 
   reference = np.sum(
     distrax.Normal(mq, sq).kl_divergence(
-      distrax.Normal(np.broadcast_to(mp, mq.shape), np.broadcast_to(sp, sq.shape))
+      distrax.Normal(
+        np.broadcast_to(mp, mq.shape), np.broadcast_to(sp, sq.shape)
+      )
     ),
     axis=1,
   )
