@@ -10,7 +10,10 @@ Measures (warm-up first, then several timed blocks; median and min):
   * the data pipeline's images/s;
   * FLOPs of a train step and an inference pass (XLA's cost analysis) and
     this CPU's large-matmul FLOP/s, i.e. the hardware floor;
-  * peak RSS of a real training run on the full dataset (subprocess).
+  * peak RSS of a real training run on the full dataset (subprocess);
+  * the image projection's share of batch-64 inference, and training and
+    inference under XLA:CPU's older runtime (a subprocess with
+    --xla_cpu_use_thunk_runtime=false).
 Pyro's numbers (issue #5, pyro-ppl 1.9.1 on a 2-core CPU) are quoted for
 comparison, not re-measured here.
 """
@@ -115,6 +118,60 @@ def bench_infer(config, batch, blocks, per_block):
   return 1000 * float(np.median(times)) / batch, 1000 * float(
     np.min(times)
   ) / batch
+
+
+def bench_projection(config, batch, blocks, per_block):
+  """ms/image of the image projection alone ([B, H*W] @ [H*W, 4F] + bias).
+
+  The one large matmul of an inference pass: the rest of the pass (the N
+  recurrent steps) is the total minus this.
+  """
+  size = config.model.image_size
+  rng = np.random.default_rng(0)
+  kernel = jnp.asarray(
+    rng.normal(size=(size * size, 4 * config.model.lstm_size)), jnp.float32
+  )
+  bias = jnp.zeros((4 * config.model.lstm_size,), jnp.float32)
+  images = jnp.asarray(rng.random((batch, size * size), np.float32))
+  project = jax.jit(lambda x, w, b: x @ w + b)
+  jax.block_until_ready(project(images, kernel, bias))
+  times = _blocks(
+    lambda: jax.block_until_ready(project(images, kernel, bias)),
+    blocks,
+    per_block,
+  )
+  return 1000 * float(np.median(times)) / batch
+
+
+_LEGACY_RUNTIME = '--xla_cpu_use_thunk_runtime=false'
+
+
+def legacy_runtime_numbers(quick: bool) -> dict[str, float]:
+  """Train images/s and batch-64 inference ms/image under XLA:CPU's older
+  (non-thunk) runtime, measured in a child process (the flag is global)."""
+  code = (
+    'import json; from benchmarks import run; from configs import default; '
+    f'blocks, per = {(3, 5) if quick else (5, 10)}; '
+    'c = default.get_config(); med = run.bench_train(c, blocks, per)[0]; '
+    'inf = run.bench_infer(c, 64, blocks, 10)[0]; '
+    'print("RESULT", json.dumps({"train_images_per_s": 64 / med, '
+    '"infer_ms_per_image_b64": inf}))'
+  )
+  env = dict(os.environ, XLA_FLAGS=_LEGACY_RUNTIME)
+  proc = subprocess.run(
+    [sys.executable, '-c', code],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
+  if proc.returncode or not lines:
+    print(f'legacy runtime not measured: {proc.stderr[-300:]}', flush=True)
+    return {}
+  return {
+    f'{k}_legacy_cpu_runtime': v for k, v in json.loads(lines[0][7:]).items()
+  }
 
 
 def flops(config):
@@ -227,6 +284,10 @@ def main(argv):
   results['infer_ms_per_image_b64'], results['infer_ms_per_image_b64_best'] = (
     bench_infer(base, 64, blocks, 10)
   )
+  results['infer_b64_projection_ms_per_image'] = bench_projection(
+    base, 64, blocks, 10
+  )
+  results.update(legacy_runtime_numbers(quick))
   results['pipeline_images_per_s'] = bench_pipeline()
   train_flops, infer_flops = flops(base)
   results['train_mflop_per_image'] = train_flops / 1e6
@@ -296,6 +357,17 @@ def format_table(r) -> str:
     if 'max_steps' in k
   )
   out.append(f'train ms/step by max_steps: {steps}')
+  out.append(
+    f'infer b64: image projection alone '
+    f'{r["infer_b64_projection_ms_per_image"]:.4f} ms/image of '
+    f'{r["infer_ms_per_image_b64"]:.4f}'
+  )
+  if 'train_images_per_s_legacy_cpu_runtime' in r:
+    out.append(
+      f'with {_LEGACY_RUNTIME}: train '
+      f'{r["train_images_per_s_legacy_cpu_runtime"]:.0f} images/s, infer b64 '
+      f'{r["infer_ms_per_image_b64_legacy_cpu_runtime"]:.4f} ms/image'
+    )
   out.append(f'data pipeline: {r["pipeline_images_per_s"]:.0f} images/s')
   return '\n'.join(out)
 
