@@ -208,10 +208,13 @@ _PMAP_SCRIPT = textwrap.dedent("""
     results = []
     for devices in (2, 1):
       state, tx = train.create_train_state(config, model)
-      step = train.compile_train_step(model, tx, settings, 0, devices)
       state = train.replicate(state, devices)
+      batch = images.reshape(devices, -1, 50, 50)
+      # Compiled ahead of time, as train_and_evaluate does.
+      step = train.compile_train_step(
+          model, tx, settings, 0, devices, state=state, images=batch)
       for _ in range(2):
-        state, metrics = step(state, images.reshape(devices, -1, 50, 50))
+        state, metrics = step(state, batch)
       results.append((train.unreplicate(state.params, devices),
                       train.unreplicate(metrics, devices)))
     (p2, m2), (p1, m1) = results
