@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -229,13 +228,31 @@ def bench_pipeline(blocks=5, per_block=200):
   return 64 / float(np.median(times))
 
 
+_RSS_CHILD = """
+import runpy, sys
+sys.argv = ['experiments.train'] + sys.argv[1:]
+try:
+  runpy.run_module('experiments.train', run_name='__main__')
+except SystemExit as e:
+  if e.code not in (0, None):
+    raise
+status = dict(l.split(':', 1) for l in open('/proc/self/status'))
+print('VMHWM_KB', status['VmHWM'].split()[0])
+"""
+
+
 def peak_rss_of_training(steps=300):
-  """Peak RSS (MiB) of experiments.train on the full dataset, in a child."""
+  """Peak RSS (MiB) of experiments.train on the full dataset, in a child.
+
+  The child reports its own VmHWM: the rusage of a child forked from this
+  (by then large) process would include this process's pages, since Linux
+  carries the peak across exec.
+  """
   workdir = f'/tmp/air_bench_rss_{os.getpid()}'
   cmd = [
     sys.executable,
-    '-m',
-    'experiments.train',
+    '-c',
+    _RSS_CHILD,
     '--config=configs/default.py',
     f'--workdir={workdir}',
     f'--config.num_train_steps={steps}',
@@ -243,9 +260,12 @@ def peak_rss_of_training(steps=300):
     '--config.image_every_steps=100000',
     '--config.checkpoint_every_steps=100000',
   ]
-  subprocess.run(cmd, check=True, capture_output=True)
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   subprocess.run(['rm', '-rf', workdir], check=False)
-  return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  lines = [x for x in proc.stdout.splitlines() if x.startswith('VMHWM_KB ')]
+  if proc.returncode or not lines:
+    raise RuntimeError(f'RSS training run failed: {proc.stderr[-2000:]}')
+  return int(lines[-1].split()[1]) / 1024
 
 
 def main(argv):
