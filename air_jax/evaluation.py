@@ -14,15 +14,22 @@ from air_jax import input_pipeline
 from air_jax import train
 
 
+def inference_pass(model):
+  """The jitted deterministic inference pass, (params, images) -> z_where.
+
+  Only z_where is returned, so the renderer is compiled away: this is the
+  cost of reading a scene, as timed by `time_inference` and the benchmarks.
+  """
+  return jax.jit(
+    lambda p, x: model.apply({'params': p}, x, deterministic=True).z_where
+  )
+
+
 def time_inference(
   model, params, images: np.ndarray, batch_size: int, repeats: int = 5
 ) -> float:
   """Median ms per image of the deterministic inference pass (compiled)."""
-  apply = jax.jit(
-    lambda p, x: model.apply(
-      {'params': p}, x, deterministic=True, rngs={'sample': jax.random.key(0)}
-    ).z_where
-  )
+  apply = inference_pass(model)
   x = jnp.asarray(images[:batch_size])
   jax.block_until_ready(apply(params, x))
   times = []

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from air_jax import evaluation
 from air_jax import input_pipeline
 from air_jax import train
 from configs import default
@@ -102,11 +103,7 @@ def bench_train(config, blocks, per_block):
 def bench_infer(config, batch, blocks, per_block):
   model = train.create_model(config)
   params = train.init_params(model, 0, 50)
-  apply = jax.jit(
-    lambda p, x: model.apply(
-      {'params': p}, x, deterministic=True, rngs={'sample': jax.random.key(0)}
-    ).z_where
-  )
+  apply = evaluation.inference_pass(model)
   images = jnp.asarray(
     np.random.default_rng(0).random((batch, 50, 50), np.float32)
   )
@@ -190,11 +187,7 @@ def flops(config):
     )
   )
   train_cost = step.lower(state, images).compile().cost_analysis()
-  apply = jax.jit(
-    lambda p, x: model.apply(
-      {'params': p}, x, deterministic=True, rngs={'sample': jax.random.key(0)}
-    ).z_where
-  )
+  apply = evaluation.inference_pass(model)
   infer_cost = apply.lower(state.params, images).compile().cost_analysis()
 
   def get(cost):
