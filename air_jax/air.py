@@ -33,6 +33,9 @@ Z_PRES_ESTIMATORS = ('reinforce', 'concrete')
 class CellCarry(NamedTuple):
   """What one inference step hands to the next.
 
+  Before step 1 every field but `canvas` has a leading axis of 1 instead of
+  B (the initial state is shared by all examples; see AIR._initial_carry).
+
   Attributes:
     lstm: networks.LSTMState, [B, F] each.
     z_pres: [B] previous z_pres (1 before the first step).
@@ -234,7 +237,7 @@ class InferenceCell(nn.Module):
     return lstm_state, StepOutput(
       z_pres=z_pres,
       z_pres_prob=z_pres_prob,
-      mask=prev_z_pres,
+      mask=jnp.broadcast_to(prev_z_pres, z_pres.shape),
       z_where=z_where,
       z_where_loc=z_where_q.loc,
       z_where_scale=z_where_q.scale,
@@ -273,7 +276,8 @@ class AIR(nn.Module):
       image itself: the same information for about a third less compute.
     baseline_lstm_size: width of the baseline LSTM.
     baseline_hidden_size: hidden width of the baseline MLP.
-    unroll: `lax.scan` unroll factor (speed only).
+    unroll: `lax.scan` unroll factor of steps 2..N (speed only); 0, as in
+      lax.scan, unrolls them all into straight-line code.
   """
 
   image_size: int = 50
@@ -294,7 +298,7 @@ class AIR(nn.Module):
   baseline_shares_projection: bool = True
   baseline_lstm_size: int = 256
   baseline_hidden_size: int = 200
-  unroll: int = 1
+  unroll: int = 0
 
   def setup(self):
     if self.z_pres_estimator not in Z_PRES_ESTIMATORS:
@@ -363,23 +367,24 @@ class AIR(nn.Module):
     return self.baseline_projection(jax.lax.stop_gradient(source))
 
   def _initial_carry(self, batch: int) -> CellCarry:
-    def broadcast(init, width):
-      return networks.LSTMState(
-        jnp.broadcast_to(init[0], (batch, width)),
-        jnp.broadcast_to(init[1], (batch, width)),
-      )
+    """The state before step 1. It is the same for every example, so all
+    but the canvas have a leading axis of 1 (not B): step 1's recurrent
+    matmuls then cost one row, and broadcasting makes its outputs [B]."""
+
+    def row(init):
+      return networks.LSTMState(init[0][None], init[1][None])
 
     size = self.image_size
     return CellCarry(
-      lstm=broadcast(self.lstm_init, self.lstm_size),
-      z_pres=jnp.ones((batch,), jnp.float32),
-      z_where=jnp.zeros((batch, 3), jnp.float32),
-      z_what=jnp.zeros((batch, self.z_what_size), jnp.float32),
+      lstm=row(self.lstm_init),
+      z_pres=jnp.ones((1,), jnp.float32),
+      z_where=jnp.zeros((1, 3), jnp.float32),
+      z_what=jnp.zeros((1, self.z_what_size), jnp.float32),
       canvas=jnp.zeros((batch, size, size), jnp.float32),
       baseline_lstm=(
-        broadcast(self.baseline_init, self.baseline_lstm_size)
+        row(self.baseline_init)
         if self.use_baseline
-        else networks.LSTMState(jnp.zeros((batch, 0)), jnp.zeros((batch, 0)))
+        else networks.LSTMState(jnp.zeros((1, 0)), jnp.zeros((1, 0)))
       ),
     )
 
@@ -463,20 +468,27 @@ class AIR(nn.Module):
       )
       return new_carry, (step, baseline, window)
 
-    scan = nn.scan(
-      body,
-      variable_broadcast='params',
-      split_rngs={'params': False},
-      length=self.max_steps,
-      unroll=self.unroll,
-    )
-    carry, per_step = scan(
-      self, self._initial_carry(b), jnp.arange(self.max_steps)
-    )
-    # Scan stacks on axis 0; AIROutput is batch-major.
-    steps, baseline, windows = jax.tree.map(
-      functools.partial(jnp.moveaxis, source=0, destination=1), per_step
-    )
+    # Step 1 runs outside the scan: its input state has a leading axis of 1
+    # (see _initial_carry), every later state is [B].
+    carry, first = body(self, self._initial_carry(b), 0)
+    first = jax.tree.map(lambda x: x[:, None], first)  # [B, 1, ...]
+    per_step = first
+    if self.max_steps > 1:
+      scan = nn.scan(
+        body,
+        variable_broadcast='params',
+        split_rngs={'params': False},
+        length=self.max_steps - 1,
+        unroll=self.unroll,
+      )
+      carry, rest = scan(self, carry, jnp.arange(1, self.max_steps))
+      # Scan stacks on axis 0; AIROutput is batch-major.
+      per_step = jax.tree.map(
+        lambda a, r: jnp.concatenate([a, jnp.moveaxis(r, 0, 1)], axis=1),
+        first,
+        rest,
+      )
+    steps, baseline, windows = per_step
     if self.difference:
       # DAIR already decoded inside the recurrence.
       canvas = carry.canvas

@@ -11,9 +11,10 @@ Measures (warm-up first, then several timed blocks; median and min):
   * FLOPs of a train step and an inference pass (XLA's cost analysis) and
     this CPU's large-matmul FLOP/s, i.e. the hardware floor;
   * peak RSS of a real training run on the full dataset (subprocess);
-  * the image projection's share of batch-64 inference, and training and
-    inference under XLA:CPU's older runtime (a subprocess with
-    --xla_cpu_use_thunk_runtime=false).
+  * the image projection's share of batch-64 inference, training and
+    inference with a rolled `lax.scan` (unroll=1) instead of the default
+    fully unrolled one, and, on CPU, under XLA:CPU's older runtime (a
+    subprocess with --xla_cpu_use_thunk_runtime=false).
 Pyro's numbers (issue #5, pyro-ppl 1.9.1 on a 2-core CPU) are quoted for
 comparison, not re-measured here.
 """
@@ -63,7 +64,7 @@ def _blocks(fn, blocks: int, per_block: int) -> list[float]:
 
 
 def bench_train(config, blocks, per_block):
-  """(median s/step, min s/step, compile s, traces) of the train step."""
+  """(seconds per step of each timed block, compile s, traces) of the step."""
   model = train.create_model(config)
   settings = train.loss_settings(config)
   state, tx = train.create_train_state(config, model)
@@ -97,10 +98,11 @@ def bench_train(config, blocks, per_block):
 
   _blocks(one, 1, 3)  # Warm-up.
   times = _blocks(one, blocks, per_block)
-  return float(np.median(times)), float(np.min(times)), compile_s, len(traces)
+  return times, compile_s, len(traces)
 
 
 def bench_infer(config, batch, blocks, per_block):
+  """ms/image of the inference pass in each timed block."""
   model = train.create_model(config)
   params = train.init_params(model, 0, 50)
   apply = evaluation.inference_pass(model)
@@ -111,9 +113,7 @@ def bench_infer(config, batch, blocks, per_block):
   times = _blocks(
     lambda: jax.block_until_ready(apply(params, images)), blocks, per_block
   )
-  return 1000 * float(np.median(times)) / batch, 1000 * float(
-    np.min(times)
-  ) / batch
+  return [1000 * t / batch for t in times]
 
 
 def bench_projection(config, batch, blocks, per_block):
@@ -148,8 +148,9 @@ def legacy_runtime_numbers(quick: bool) -> dict[str, float]:
   code = (
     'import json; from benchmarks import run; from configs import default; '
     f'blocks, per = {(3, 5) if quick else (5, 10)}; '
-    'c = default.get_config(); med = run.bench_train(c, blocks, per)[0]; '
-    'inf = run.bench_infer(c, 64, blocks, 10)[0]; '
+    'import numpy as np; c = default.get_config(); '
+    'med = np.median(run.bench_train(c, blocks, per)[0]); '
+    'inf = np.median(run.bench_infer(c, 64, blocks, 10)); '
     'print("RESULT", json.dumps({"train_images_per_s": 64 / med, '
     '"infer_ms_per_image_b64": inf}))'
   )
@@ -272,40 +273,63 @@ def main(argv):
     f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}',
     'jax': jax.__version__,
   }
+  # The headline configuration (batch 64, default max_steps) is timed in
+  # several phases minutes apart (batch sweep, max_steps sweep; inference
+  # at the start and the end) and the blocks pooled: on a shared machine a
+  # slow minute then moves the median less.
+  headline_train, headline_infer = [], []
   batches = (16, 64, 256) if quick else (16, 32, 64, 128, 256, 512)
   for b in batches:
     config = default.get_config()
     config.batch_size = b
-    med, low, compile_s, traces = bench_train(config, blocks, per_block)
+    times, compile_s, traces = bench_train(config, blocks, per_block)
+    med, low = float(np.median(times)), float(np.min(times))
     results[f'train_images_per_s_b{b}'] = b / med
     results[f'train_images_per_s_b{b}_best'] = b / low
-    if b == 64:
-      results['train_images_per_s'] = b / med
-      results['train_ms_per_step'] = 1000 * med
+    if b == base.batch_size:
+      headline_train += times
       results['compile_s'] = compile_s
       results['train_step_traces'] = traces
     print(f'batch {b}: {b / med:.0f} images/s (best {b / low:.0f})', flush=True)
+  headline_infer += bench_infer(base, 64, blocks, 10)
   for n in (1, 2, 3, 4, 6, 8) if not quick else (1, 3, 8):
     config = default.get_config()
     config.model.max_steps = n
-    med, _, _, _ = bench_train(config, blocks, per_block)
-    results[f'train_ms_per_step_max_steps{n}'] = 1000 * med
-    print(f'max_steps {n}: {1000 * med:.1f} ms/step', flush=True)
-  results['infer_ms_per_image_b1'], results['infer_ms_per_image_b1_best'] = (
-    bench_infer(base, 1, blocks, 20)
-  )
-  results['infer_ms_per_image_b64'], results['infer_ms_per_image_b64_best'] = (
-    bench_infer(base, 64, blocks, 10)
-  )
+    times = bench_train(config, blocks, per_block)[0]
+    if n == base.model.max_steps:
+      headline_train += times
+    results[f'train_ms_per_step_max_steps{n}'] = 1000 * float(np.median(times))
+    print(f'max_steps {n}: {1000 * np.median(times):.1f} ms/step', flush=True)
+  med, low = float(np.median(headline_train)), float(np.min(headline_train))
+  results['train_images_per_s'] = base.batch_size / med
+  results['train_images_per_s_best'] = base.batch_size / low
+  results['train_ms_per_step'] = 1000 * med
+  results['train_timed_blocks'] = len(headline_train)
+  b1 = bench_infer(base, 1, blocks, 20)
+  results['infer_ms_per_image_b1'] = float(np.median(b1))
+  results['infer_ms_per_image_b1_best'] = float(np.min(b1))
   results['infer_b64_projection_ms_per_image'] = bench_projection(
     base, 64, blocks, 10
   )
-  results.update(legacy_runtime_numbers(quick))
+  config = default.get_config()
+  config.model.unroll = 1
+  med = float(np.median(bench_train(config, blocks, per_block)[0]))
+  results['train_images_per_s_rolled_scan'] = config.batch_size / med
+  results['infer_ms_per_image_b64_rolled_scan'] = float(
+    np.median(bench_infer(config, 64, blocks, 10))
+  )
+  if jax.default_backend() == 'cpu':
+    results.update(legacy_runtime_numbers(quick))
   results['pipeline_images_per_s'] = bench_pipeline()
+  headline_infer += bench_infer(base, 64, blocks, 10)
+  results['infer_ms_per_image_b64'] = float(np.median(headline_infer))
+  results['infer_ms_per_image_b64_best'] = float(np.min(headline_infer))
   train_flops, infer_flops = flops(base)
   results['train_mflop_per_image'] = train_flops / 1e6
   results['infer_mflop_per_image'] = infer_flops / 1e6
-  results['matmul_gflop_per_s'] = matmul_flops_per_s() / 1e9
+  # A matmul large enough to keep the device busy (GPU: launch costs).
+  size = 2048 if jax.default_backend() == 'cpu' else 8192
+  results['matmul_gflop_per_s'] = matmul_flops_per_s(size) / 1e9
   peak = results['matmul_gflop_per_s'] * 1e9
   results['train_fraction_of_matmul_peak'] = (
     results['train_images_per_s'] * train_flops / peak
@@ -347,6 +371,9 @@ def format_table(r) -> str:
   ]
   out = [f'{"metric":<28} {"air_jax":>10} {"Pyro":>8} {"ratio":>7}']
   for name, ours, pyro in rows:
+    if ours != ours:  # NaN: not measured (--rss=false).
+      out.append(f'{name:<28} {"-":>10} {pyro:>8.4g}')
+      continue
     ratio = ours / pyro if 'images/s' in name else pyro / ours
     out.append(f'{name:<28} {ours:>10.4g} {pyro:>8.4g} {ratio:>6.1f}x')
   out.append(
@@ -375,6 +402,12 @@ def format_table(r) -> str:
     f'{r["infer_b64_projection_ms_per_image"]:.4f} ms/image of '
     f'{r["infer_ms_per_image_b64"]:.4f}'
   )
+  if 'train_images_per_s_rolled_scan' in r:
+    out.append(
+      f'with a rolled scan (unroll=1): train '
+      f'{r["train_images_per_s_rolled_scan"]:.0f} images/s, infer b64 '
+      f'{r["infer_ms_per_image_b64_rolled_scan"]:.4f} ms/image'
+    )
   if 'train_images_per_s_legacy_cpu_runtime' in r:
     out.append(
       f'with {_LEGACY_RUNTIME}: train '
