@@ -385,16 +385,20 @@ def format_table(r) -> str:
     f'GFLOP/s; train at {100 * r["train_fraction_of_matmul_peak"]:.0f}% and '
     f'infer b64 at {100 * r["infer_b64_fraction_of_matmul_peak"]:.0f}% of it'
   )
-  curve = ', '.join(
-    f'{k.split("b")[-1]}: {v:.0f}'
-    for k, v in r.items()
-    if k.startswith('train_images_per_s_b') and not k.endswith('best')
-  )
+
+  def series(prefix):
+    """(size, value) of each key prefix<int>, by increasing size."""
+    found = {
+      int(k[len(prefix) :]): v
+      for k, v in r.items()
+      if k.startswith(prefix) and k[len(prefix) :].isdigit()
+    }
+    return sorted(found.items())
+
+  curve = ', '.join(f'{b}: {v:.0f}' for b, v in series('train_images_per_s_b'))
   out.append(f'train images/s by batch: {curve}')
   steps = ', '.join(
-    f'{k.split("max_steps")[-1]}: {v:.1f}'
-    for k, v in r.items()
-    if 'max_steps' in k
+    f'{n}: {v:.1f}' for n, v in series('train_ms_per_step_max_steps')
   )
   out.append(f'train ms/step by max_steps: {steps}')
   out.append(

@@ -125,6 +125,35 @@ def test_per_example_keys_make_samples_independent_of_the_batch():
   np.testing.assert_array_equal(full.z_pres[3:], part.z_pres)
 
 
+@pytest.mark.parametrize('difference', [False, True])
+def test_unrolling_and_fewer_steps_do_not_change_the_math(difference):
+  """The speed knob `unroll` leaves the outputs as they are, and a model
+  with max_steps = 1 (no scan at all) gives step 1 of a longer one."""
+  images = jax.random.uniform(jax.random.key(10), (4, 20, 20))
+  keys = jax.random.split(jax.random.key(11), 4)
+  rolled = air.AIR(**SMALL, difference=difference, unroll=1)
+  params = _init(rolled, images)
+  reference = rolled.apply({'params': params}, images, keys=keys)
+  for other in (
+    air.AIR(**SMALL, difference=difference, unroll=0),
+    air.AIR(**SMALL, difference=difference, unroll=2),
+  ):
+    out = other.apply({'params': params}, images, keys=keys)
+    for name in ('z_pres', 'z_where', 'z_what', 'canvas', 'baseline'):
+      np.testing.assert_allclose(
+        getattr(out, name), getattr(reference, name), atol=1e-5, err_msg=name
+      )
+  one = air.AIR(**{**SMALL, 'max_steps': 1}, difference=difference)
+  first = one.apply({'params': params}, images, keys=keys)
+  for name in ('z_pres', 'mask', 'z_where', 'z_what', 'baseline'):
+    np.testing.assert_allclose(
+      getattr(first, name),
+      getattr(reference, name)[:, :1],
+      atol=1e-5,
+      err_msg=name,
+    )
+
+
 def test_deterministic_mode_uses_posterior_modes():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(10), (8, 20, 20))
