@@ -12,7 +12,8 @@ Per step t = 1..N the inference network emits
 all. Everything of a step with z_pres_t = 0 is masked out of the objective.
 
 The generative model decodes each z_what into a window, writes it onto the
-canvas with `spatial_transformer.window_to_image` and adds the objects; the
+canvas with `spatial_transformer` and adds the objects (one batched matmul
+over all objects, `windows_to_canvas`; DAIR draws step by step); the
 canvas is the mean of the pixel likelihood (see `objectives`).
 """
 
@@ -351,14 +352,10 @@ class AIR(nn.Module):
     Returns:
       (canvas [B, H, W], windows [B, N, h, w]).
     """
-    b, n = z_pres.shape
     windows = self.decoder(z_what)  # [B, N, h, w]
-    objects = spatial_transformer.window_to_image(
-      windows.reshape(b * n, self.window_size, self.window_size),
-      z_where.reshape(b * n, 3),
-      self.image_size,
-    ).reshape(b, n, self.image_size, self.image_size)
-    canvas = jnp.einsum('bn,bnij->bij', z_pres, objects)
+    canvas = spatial_transformer.windows_to_canvas(
+      windows, z_where, z_pres, self.image_size
+    )
     return canvas, windows
 
   def _baseline_gates(self, flat_image, image_gates):

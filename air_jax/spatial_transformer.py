@@ -131,16 +131,62 @@ def window_to_image(
   Returns:
     [B, H, W, *C] images.
   """
-  height, width = _pair(image_size)
   batch, h, w = windows.shape[:3]
   _check_z_where(z_where, batch)
-  scale = z_where[:, 0:1]  # [B, 1]; multiplying needs no guard.
-  x, y = z_where[:, 1:2], z_where[:, 2:3]
-  rows_v = (_pixel_centres(height) - y) * scale  # [B, H]
-  cols_v = (_pixel_centres(width) - x) * scale  # [B, W]
+  rows, cols = _write_matrices(z_where, (h, w), _pair(image_size))
+  return _apply_separable(rows, windows, cols)
+
+
+def windows_to_canvas(
+  windows: jax.Array,
+  z_where: jax.Array,
+  weights: jax.Array,
+  image_size: int | tuple[int, int],
+) -> jax.Array:
+  """Draws N windows per example and adds them up, weighted.
+
+  Equal to sum_n weights[:, n] * window_to_image(windows[:, n], z_where[:, n])
+  without materialising the N images: per example it is one matmul whose
+  contraction runs over objects and window columns together,
+  canvas = [R_1 W_1, ..., R_N W_N] @ [C_1, ..., C_N]^T.
+
+  Args:
+    windows: [B, N, h, w] windows.
+    z_where: [B, N, 3] (s, x, y) of each window.
+    weights: [B, N] weight of each window (z_pres in AIR).
+    image_size: H (square image) or (H, W).
+
+  Returns:
+    [B, H, W] canvases.
+  """
+  batch, num, h, w = windows.shape
+  if z_where.shape != (batch, num, 3) or weights.shape != (batch, num):
+    raise ValueError(
+      f'z_where must be [B, N, 3] and weights [B, N] for windows '
+      f'{windows.shape}, got {z_where.shape} and {weights.shape}.'
+    )
+  rows, cols = _write_matrices(z_where, (h, w), _pair(image_size))
+  weighted = rows * weights[..., None, None]  # [B, N, H, h]
+  tmp = jnp.einsum('bnah,bnhw->bnaw', weighted, windows)  # [B, N, H, w]
+  return jnp.einsum('bnaw,bncw->bac', tmp, cols)
+
+
+def _write_matrices(
+  z_where: jax.Array, window: tuple[int, int], image: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+  """Interpolation matrices of a write: rows [..., H, h], cols [..., W, w].
+
+  Each image pixel samples the window at its own position in window
+  coordinates (the inverse transform); z_where is [..., 3].
+  """
+  (h, w), (height, width) = window, image
+  scale = z_where[..., 0:1]  # Multiplying needs no guard.
+  x, y = z_where[..., 1:2], z_where[..., 2:3]
+  rows_v = (_pixel_centres(height) - y) * scale  # [..., H]
+  cols_v = (_pixel_centres(width) - x) * scale  # [..., W]
   rows = interpolation_matrix(_to_pixel_index(rows_v, h), h)
   cols = interpolation_matrix(_to_pixel_index(cols_v, w), w)
-  return _apply_separable(rows, windows, cols)
+  return rows, cols
 
 
 def z_where_to_box(

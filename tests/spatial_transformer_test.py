@@ -214,3 +214,40 @@ def test_box_convention_and_inverse():
 def test_rejects_bad_z_where_shape():
   with pytest.raises(ValueError, match='z_where'):
     st.image_to_window(jnp.ones((2, 10, 10)), jnp.ones((2, 2)), 5)
+
+
+def test_windows_to_canvas_is_the_weighted_sum_of_drawn_windows():
+  rng = np.random.default_rng(7)
+  windows = rng.random((2, 3, 12, 9)).astype(np.float32)
+  z_where = np.stack([_random_z_where(rng, 3) for _ in range(2)])
+  weights = rng.random((2, 3)).astype(np.float32)
+  canvas = np.asarray(st.windows_to_canvas(windows, z_where, weights, 30))
+  for b in range(2):
+    expected = sum(
+      weights[b, n]
+      * reference_window_to_image(windows[b, n], z_where[b, n], 30, 30)
+      for n in range(3)
+    )
+    np.testing.assert_allclose(canvas[b], expected, atol=2e-5)
+
+  # Its gradients are those of the per-window form.
+  target = jnp.asarray(rng.standard_normal((2, 30, 30)).astype(np.float32))
+
+  def fused(windows, z_where, weights):
+    return jnp.sum(target * st.windows_to_canvas(windows, z_where, weights, 30))
+
+  def per_window(windows, z_where, weights):
+    drawn = st.window_to_image(
+      windows.reshape(6, 12, 9), z_where.reshape(6, 3), 30
+    ).reshape(2, 3, 30, 30)
+    canvas = jnp.sum(weights[..., None, None] * drawn, axis=1)
+    return jnp.sum(target * canvas)
+
+  args = (jnp.asarray(windows), jnp.asarray(z_where), jnp.asarray(weights))
+  for got, want in zip(
+    jax.grad(fused, argnums=(0, 1, 2))(*args),
+    jax.grad(per_window, argnums=(0, 1, 2))(*args),
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='weights'):
+    st.windows_to_canvas(windows, z_where, weights[:, :2], 30)
