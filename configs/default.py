@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.baseline_lstm_size = 256  # Baseline LSTM width.
   config.model.baseline_hidden_size = 200  # Baseline MLP width.
   # lax.scan unroll (speed only): 0 unrolls the recurrence; against 1 that
-  # measured 1.06-1.13x training and 1.2-1.33x inference speed on 2 CPU
+  # measured 1.05-1.13x training and 1.07-1.33x inference speed on 2 CPU
   # cores and 1.3x on an H100 (WORKSPACE.md, Speed).
   config.model.unroll = 0
 
