@@ -63,6 +63,10 @@ def _blocks(fn, blocks: int, per_block: int) -> list[float]:
   return times
 
 
+def _median_and_min(times: list[float]) -> tuple[float, float]:
+  return float(np.median(times)), float(np.min(times))
+
+
 def bench_train(config, blocks, per_block):
   """(seconds per step of each timed block, compile s, traces) of the step."""
   model = train.create_model(config)
@@ -283,7 +287,7 @@ def main(argv):
     config = default.get_config()
     config.batch_size = b
     times, compile_s, traces = bench_train(config, blocks, per_block)
-    med, low = float(np.median(times)), float(np.min(times))
+    med, low = _median_and_min(times)
     results[f'train_images_per_s_b{b}'] = b / med
     results[f'train_images_per_s_b{b}_best'] = b / low
     if b == base.batch_size:
@@ -298,16 +302,17 @@ def main(argv):
     times = bench_train(config, blocks, per_block)[0]
     if n == base.model.max_steps:
       headline_train += times
-    results[f'train_ms_per_step_max_steps{n}'] = 1000 * float(np.median(times))
-    print(f'max_steps {n}: {1000 * np.median(times):.1f} ms/step', flush=True)
-  med, low = float(np.median(headline_train)), float(np.min(headline_train))
+    ms = 1000 * _median_and_min(times)[0]
+    results[f'train_ms_per_step_max_steps{n}'] = ms
+    print(f'max_steps {n}: {ms:.1f} ms/step', flush=True)
+  med, low = _median_and_min(headline_train)
   results['train_images_per_s'] = base.batch_size / med
   results['train_images_per_s_best'] = base.batch_size / low
   results['train_ms_per_step'] = 1000 * med
   results['train_timed_blocks'] = len(headline_train)
-  b1 = bench_infer(base, 1, blocks, 20)
-  results['infer_ms_per_image_b1'] = float(np.median(b1))
-  results['infer_ms_per_image_b1_best'] = float(np.min(b1))
+  results['infer_ms_per_image_b1'], results['infer_ms_per_image_b1_best'] = (
+    _median_and_min(bench_infer(base, 1, blocks, 20))
+  )
   results['infer_b64_projection_ms_per_image'] = bench_projection(
     base, 64, blocks, 10
   )
@@ -322,8 +327,9 @@ def main(argv):
     results.update(legacy_runtime_numbers(quick))
   results['pipeline_images_per_s'] = bench_pipeline()
   headline_infer += bench_infer(base, 64, blocks, 10)
-  results['infer_ms_per_image_b64'] = float(np.median(headline_infer))
-  results['infer_ms_per_image_b64_best'] = float(np.min(headline_infer))
+  results['infer_ms_per_image_b64'], results['infer_ms_per_image_b64_best'] = (
+    _median_and_min(headline_infer)
+  )
   train_flops, infer_flops = flops(base)
   results['train_mflop_per_image'] = train_flops / 1e6
   results['infer_mflop_per_image'] = infer_flops / 1e6
