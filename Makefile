@@ -14,7 +14,7 @@ WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 ARGS ?=
 
-.PHONY: venv train test lint format bench clean
+.PHONY: venv train test lint format bench package-check clean
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -28,19 +28,25 @@ venv: $(STAMP)
 train: $(STAMP)
 	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
+SOURCES := air_jax experiments configs tests benchmarks
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check air_jax experiments configs tests benchmarks
-	$(VENV)/bin/ruff format --check air_jax experiments configs tests benchmarks
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format air_jax experiments configs tests benchmarks
-	$(VENV)/bin/ruff check --fix air_jax experiments configs tests benchmarks
+	$(VENV)/bin/ruff format $(SOURCES)
+	$(VENV)/bin/ruff check --fix $(SOURCES)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=10 tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)
+
+# `pip install .` into a fresh venv, then air-infer from another directory.
+package-check:
+	bash .ci/package_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,7 +28,28 @@ from air_jax import distributions
 from air_jax import networks
 from air_jax import spatial_transformer
 
-Z_PRES_ESTIMATORS = ('reinforce', 'concrete')
+__all__ = [
+  'AIR',
+  'AIROutput',
+  'BOX_THRESHOLD',
+  'BaselineNetwork',
+  'CellCarry',
+  'InferenceCell',
+  'StepOutput',
+  'init_params',
+  'pair',
+  'posterior_modes',
+  'sample_z_pres',
+  'tight_boxes',
+]
+
+
+def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+  """(H, W) of a size given as one int (square) or two."""
+  if isinstance(size, int):
+    return (size, size)
+  height, width = size
+  return (int(height), int(width))
 
 
 class CellCarry(NamedTuple):
@@ -57,7 +78,7 @@ class CellCarry(NamedTuple):
 class StepOutput(NamedTuple):
   """One inference step's latents and posteriors (leading [B])."""
 
-  z_pres: jax.Array  # [B] sample times mask (relaxed for 'concrete').
+  z_pres: jax.Array  # [B] sample times mask.
   z_pres_prob: jax.Array  # [B] q(z_pres_t = 1 | z_pres_{t-1} = 1, ...).
   mask: jax.Array  # [B] z_pres_{t-1}.
   z_where: jax.Array  # [B, 3]
@@ -101,30 +122,64 @@ class AIROutput(NamedTuple):
 
 
 def sample_z_pres(
-  rng: jax.Array,
-  prob: jax.Array,
-  mask: jax.Array,
-  estimator: str,
-  temperature: float,
-  deterministic: bool,
+  rng: jax.Array, prob: jax.Array, mask: jax.Array, deterministic: bool
 ) -> jax.Array:
   """Samples z_pres_t given q and the mask z_pres_{t-1}.
 
   `rng` holds one key per example ([B]); prob, mask and the result are [B].
-
-  'reinforce' draws a hard Bernoulli sample (no pathwise gradient; the
-  score-function surrogate in `objectives` carries it), 'concrete' a
-  reparameterised Binary Concrete sample; `deterministic` takes the mode.
+  The sample is a hard Bernoulli draw with no pathwise gradient (the
+  score-function surrogate in `objectives` carries it); `deterministic`
+  takes the mode.
   """
   if deterministic:
     sample = (prob > 0.5).astype(prob.dtype)
-  elif estimator == 'concrete':
-    sample = jax.vmap(distributions.sample_relaxed_bernoulli, (0, 0, None))(
-      rng, prob, temperature
-    )
   else:
     sample = jax.vmap(jax.random.bernoulli)(rng, prob).astype(prob.dtype)
   return sample * mask
+
+
+class BaselineNetwork(nn.Module):
+  """The learned REINFORCE baseline: an LSTM and an MLP on stop-gradient
+  inputs (the inference network's image projection and the previous
+  step's latents), one value per step.
+
+  All its parameters live under one key (`baseline` in AIR), so an
+  optimiser can give it its own learning rate.
+
+  Attributes:
+    lstm_size: width of its LSTM.
+    hidden_size: hidden width of its MLP.
+  """
+
+  lstm_size: int = 256
+  hidden_size: int = 200
+
+  def setup(self):
+    self.projection = nn.Dense(4 * self.lstm_size)
+    self.lstm = networks.LSTM(self.lstm_size)
+    self.init_state = self.param(
+      'init_state', nn.initializers.zeros, (2, self.lstm_size)
+    )
+    self.mlp = networks.MLP(
+      (self.hidden_size, 1), last_kernel_init=nn.initializers.zeros
+    )
+
+  def gates(self, image_gates: jax.Array) -> jax.Array:
+    """[B, 4F'] LSTM input gates from the inference network's [B, 4F]."""
+    return self.projection(jax.lax.stop_gradient(image_gates))
+
+  def initial_state(self) -> networks.LSTMState:
+    """The state before step 1, [1, F'] each (shared by all examples)."""
+    return networks.LSTMState(
+      self.init_state[0][None], self.init_state[1][None]
+    )
+
+  def __call__(
+    self, state: networks.LSTMState, gates: jax.Array, prev: jax.Array
+  ) -> tuple[networks.LSTMState, jax.Array]:
+    """One step: (new state, [B] baseline) from gates and [B, K] latents."""
+    state = self.lstm(state, gates, jax.lax.stop_gradient(prev))
+    return state, self.mlp(state.h)[:, 0]
 
 
 class InferenceCell(nn.Module):
@@ -144,11 +199,13 @@ class InferenceCell(nn.Module):
       offset from it, so inference starts at the prior.
     z_where_prior_scale: prior std of z_where; the posterior std is a
       softplus times it.
-    z_pres_estimator: 'reinforce' or 'concrete'.
-    concrete_temperature: temperature of the Concrete relaxation.
     z_pres_logit_bound: if > 0, the z_pres logit is squashed to
       (-bound, bound) with bound * tanh(logit / bound), keeping q away from
       0 and 1 so the score-function estimator keeps exploring.
+    z_where_scale_range: (lo, hi) with 0 < lo < prior scale < hi, or None:
+      the posterior mean of the scale s is squashed into (lo, hi) (a
+      sigmoid centred on the prior mean), so one window cannot grow to
+      cover several objects (windows are at most H / lo pixels wide).
   """
 
   image_size: tuple[int, int]
@@ -156,11 +213,10 @@ class InferenceCell(nn.Module):
   lstm_size: int = 256
   z_what_size: int = 50
   encoder_hidden_size: int = 200
-  z_where_prior_loc: tuple[float, float, float] = (3.0, 0.0, 0.0)
+  z_where_prior_loc: tuple[float, float, float] = (2.5, 0.0, 0.0)
   z_where_prior_scale: tuple[float, float, float] = (0.2, 1.0, 1.0)
-  z_pres_estimator: str = 'reinforce'
-  concrete_temperature: float = 0.5
-  z_pres_logit_bound: float = 0.0
+  z_pres_logit_bound: float = 3.0
+  z_where_scale_range: tuple[float, float] | None = None
 
   def setup(self):
     self.lstm = networks.LSTM(self.lstm_size)
@@ -208,20 +264,20 @@ class InferenceCell(nn.Module):
       bound = self.z_pres_logit_bound
       logit = bound * jnp.tanh(logit / bound)
     z_pres_prob = nn.sigmoid(logit)
-    z_pres = sample_z_pres(
-      rng_pres,
-      z_pres_prob,
-      prev_z_pres,
-      self.z_pres_estimator,
-      self.concrete_temperature,
-      deterministic,
-    )
+    z_pres = sample_z_pres(rng_pres, z_pres_prob, prev_z_pres, deterministic)
 
     where = self.z_where_head(lstm_state.h)
     prior_loc = jnp.asarray(self.z_where_prior_loc, jnp.float32)
     prior_scale = jnp.asarray(self.z_where_prior_scale, jnp.float32)
+    loc = where[:, :3] + prior_loc
+    if self.z_where_scale_range is not None:
+      lo, hi = self.z_where_scale_range
+      centre = (self.z_where_prior_loc[0] - lo) / (hi - lo)
+      offset = jnp.log(centre) - jnp.log1p(-centre)
+      scale_loc = lo + (hi - lo) * nn.sigmoid(where[:, 0] + offset)
+      loc = loc.at[:, 0].set(scale_loc)
     z_where_q = distributions.NormalParams(
-      loc=where[:, :3] + prior_loc,
+      loc=loc,
       scale=nn.softplus(where[:, 3:]) * prior_scale + 1e-4,
     )
     z_where = (
@@ -253,13 +309,16 @@ class AIR(nn.Module):
 
   Call it on images [B, H, W] in [0, 1] with an rng stream named 'sample'
   (or per-example `keys`); with `deterministic=True` no rng is needed.
-  A baseline network for the REINFORCE estimator, with its own LSTM and MLP
-  on stop-gradient inputs, lives under the `baseline_*` parameters so an
-  optimiser can give it its own learning rate.
+  The defaults are the published recipe (configs/default.py), so `AIR()`
+  is the model that counts multi-MNIST.
+
+  Parameters: the inference network, the decoder and, with `use_baseline`,
+  a BaselineNetwork under the key `baseline` (so an optimiser can give it
+  its own learning rate).
 
   Attributes:
-    image_size: H = W.
-    window_size: h = w.
+    image_size: H = W, or (H, W).
+    window_size: h = w, or (h, w).
     max_steps: N.
     lstm_size: F of the inference LSTM.
     z_what_size: D.
@@ -268,46 +327,35 @@ class AIR(nn.Module):
     decoder_output_bias: added before the decoder's sigmoid.
     z_where_prior_loc, z_where_prior_scale: see InferenceCell.
     difference: DAIR: the LSTM and the glimpses see image - canvas so far.
-    z_pres_estimator: 'reinforce' or 'concrete'.
-    concrete_temperature: temperature of the Concrete relaxation.
     z_pres_logit_bound: see InferenceCell.
-    use_baseline: build the baseline network.
-    baseline_shares_projection: the baseline LSTM reads the inference
-      network's image projection (stop-gradient) instead of projecting the
-      image itself: the same information for about a third less compute.
+    z_where_scale_range: see InferenceCell.
+    use_baseline: build the REINFORCE baseline network.
     baseline_lstm_size: width of the baseline LSTM.
     baseline_hidden_size: hidden width of the baseline MLP.
     unroll: `lax.scan` unroll factor of steps 2..N (speed only); 0, as in
       lax.scan, unrolls them all into straight-line code.
   """
 
-  image_size: int = 50
-  window_size: int = 28
+  image_size: int | tuple[int, int] = (50, 50)
+  window_size: int | tuple[int, int] = (28, 28)
   max_steps: int = 3
   lstm_size: int = 256
   z_what_size: int = 50
   encoder_hidden_size: int = 200
   decoder_hidden_size: int = 200
   decoder_output_bias: float = -2.0
-  z_where_prior_loc: tuple[float, float, float] = (3.0, 0.0, 0.0)
+  z_where_prior_loc: tuple[float, float, float] = (2.5, 0.0, 0.0)
   z_where_prior_scale: tuple[float, float, float] = (0.2, 1.0, 1.0)
   difference: bool = False
-  z_pres_estimator: str = 'reinforce'
-  concrete_temperature: float = 0.5
-  z_pres_logit_bound: float = 0.0
+  z_pres_logit_bound: float = 3.0
+  z_where_scale_range: tuple[float, float] | None = None
   use_baseline: bool = True
-  baseline_shares_projection: bool = True
   baseline_lstm_size: int = 256
   baseline_hidden_size: int = 200
   unroll: int = 0
 
   def setup(self):
-    if self.z_pres_estimator not in Z_PRES_ESTIMATORS:
-      raise ValueError(
-        f'z_pres_estimator must be one of {Z_PRES_ESTIMATORS}, got {self.z_pres_estimator!r}.'
-      )
-    sizes = (self.image_size, self.image_size)
-    window = (self.window_size, self.window_size)
+    sizes, window = self.image_shape, pair(self.window_size)
     self.image_projection = nn.Dense(4 * self.lstm_size)
     self.cell = InferenceCell(
       image_size=sizes,
@@ -317,9 +365,8 @@ class AIR(nn.Module):
       encoder_hidden_size=self.encoder_hidden_size,
       z_where_prior_loc=self.z_where_prior_loc,
       z_where_prior_scale=self.z_where_prior_scale,
-      z_pres_estimator=self.z_pres_estimator,
-      concrete_temperature=self.concrete_temperature,
       z_pres_logit_bound=self.z_pres_logit_bound,
+      z_where_scale_range=self.z_where_scale_range,
     )
     self.lstm_init = self.param(
       'lstm_init', nn.initializers.zeros, (2, self.lstm_size)
@@ -328,16 +375,14 @@ class AIR(nn.Module):
       self.decoder_hidden_size, window, self.decoder_output_bias
     )
     if self.use_baseline:
-      # Projects the image, or the inference network's projection of it.
-      self.baseline_projection = nn.Dense(4 * self.baseline_lstm_size)
-      self.baseline_lstm = networks.LSTM(self.baseline_lstm_size)
-      self.baseline_init = self.param(
-        'baseline_init', nn.initializers.zeros, (2, self.baseline_lstm_size)
+      self.baseline = BaselineNetwork(
+        self.baseline_lstm_size, self.baseline_hidden_size
       )
-      self.baseline_mlp = networks.MLP(
-        (self.baseline_hidden_size, 1),
-        last_kernel_init=nn.initializers.zeros,
-      )
+
+  @property
+  def image_shape(self) -> tuple[int, int]:
+    """(H, W)."""
+    return pair(self.image_size)
 
   def render(
     self, z_pres: jax.Array, z_where: jax.Array, z_what: jax.Array
@@ -354,34 +399,23 @@ class AIR(nn.Module):
     """
     windows = self.decoder(z_what)  # [B, N, h, w]
     canvas = spatial_transformer.windows_to_canvas(
-      windows, z_where, z_pres, self.image_size
+      windows, z_where, z_pres, self.image_shape
     )
     return canvas, windows
 
-  def _baseline_gates(self, flat_image, image_gates):
-    """The baseline LSTM's input gates, from stop-gradient inputs."""
-    source = image_gates if self.baseline_shares_projection else flat_image
-    return self.baseline_projection(jax.lax.stop_gradient(source))
-
-  def _initial_carry(self, batch: int) -> CellCarry:
+  def _initial_carry(self, batch: int, with_baseline: bool) -> CellCarry:
     """The state before step 1. It is the same for every example, so all
     but the canvas have a leading axis of 1 (not B): step 1's recurrent
     matmuls then cost one row, and broadcasting makes its outputs [B]."""
-
-    def row(init):
-      return networks.LSTMState(init[0][None], init[1][None])
-
-    size = self.image_size
+    no_state = networks.LSTMState(jnp.zeros((1, 0)), jnp.zeros((1, 0)))
     return CellCarry(
-      lstm=row(self.lstm_init),
+      lstm=networks.LSTMState(self.lstm_init[0][None], self.lstm_init[1][None]),
       z_pres=jnp.ones((1,), jnp.float32),
       z_where=jnp.zeros((1, 3), jnp.float32),
       z_what=jnp.zeros((1, self.z_what_size), jnp.float32),
-      canvas=jnp.zeros((batch, size, size), jnp.float32),
+      canvas=jnp.zeros((batch, *self.image_shape), jnp.float32),
       baseline_lstm=(
-        row(self.baseline_init)
-        if self.use_baseline
-        else networks.LSTMState(jnp.zeros((1, 0)), jnp.zeros((1, 0)))
+        self.baseline.initial_state() if with_baseline else no_state
       ),
     )
 
@@ -410,20 +444,20 @@ class AIR(nn.Module):
       # away), so `deterministic=True` needs no 'sample' rng stream.
       rng = jax.random.key(0) if deterministic else self.make_rng('sample')
       keys = jax.random.split(rng, b)
-    flat = images.reshape(b, -1)
     # The image is the same at every AIR step: project it once.
-    image_gates = None if self.difference else self.image_projection(flat)
+    image_gates = (
+      None if self.difference else self.image_projection(images.reshape(b, -1))
+    )
     # Inference with posterior modes needs no baseline.
     with_baseline = self.use_baseline and not deterministic
     baseline_gates = None
     if with_baseline and not self.difference:
-      baseline_gates = self._baseline_gates(flat, image_gates)
+      baseline_gates = self.baseline.gates(image_gates)
 
     def body(mdl, carry: CellCarry, t):
       if mdl.difference:
-        residual = images - carry.canvas
-        step_image = residual
-        step_gates = mdl.image_projection(residual.reshape(b, -1))
+        step_image = images - carry.canvas
+        step_gates = mdl.image_projection(step_image.reshape(b, -1))
       else:
         step_image, step_gates = images, image_gates
       lstm, step = mdl.cell(
@@ -438,22 +472,20 @@ class AIR(nn.Module):
       if mdl.difference:
         window = mdl.decoder(step.z_what)
         obj = spatial_transformer.window_to_image(
-          window, step.z_where, mdl.image_size
+          window, step.z_where, mdl.image_shape
         )
         canvas = canvas + step.z_pres[:, None, None] * obj
 
       baseline_lstm, baseline = carry.baseline_lstm, jnp.zeros((b,))
       if with_baseline:
-        prev = jax.lax.stop_gradient(
-          jnp.concatenate(
-            [carry.z_pres[:, None], carry.z_where, carry.z_what], axis=-1
-          )
+        prev = jnp.concatenate(
+          [carry.z_pres[:, None], carry.z_where, carry.z_what], axis=-1
         )
         gates = baseline_gates
         if mdl.difference:
-          gates = mdl._baseline_gates(step_image.reshape(b, -1), step_gates)
-        baseline_lstm = mdl.baseline_lstm(baseline_lstm, gates, prev)
-        baseline = mdl.baseline_mlp(baseline_lstm.h)[:, 0]
+          gates = mdl.baseline.gates(step_gates)
+        baseline_lstm, baseline = mdl.baseline(baseline_lstm, gates, prev)
+        baseline = jnp.broadcast_to(baseline, (b,))
 
       new_carry = CellCarry(
         lstm=lstm,
@@ -467,7 +499,7 @@ class AIR(nn.Module):
 
     # Step 1 runs outside the scan: its input state has a leading axis of 1
     # (see _initial_carry), every later state is [B].
-    carry, first = body(self, self._initial_carry(b), 0)
+    carry, first = body(self, self._initial_carry(b, with_baseline), 0)
     first = jax.tree.map(lambda x: x[:, None], first)  # [B, 1, ...]
     per_step = first
     if self.max_steps > 1:
@@ -494,6 +526,39 @@ class AIR(nn.Module):
     return AIROutput(
       **steps._asdict(), windows=windows, canvas=canvas, baseline=baseline
     )
+
+
+def init_params(model: AIR, seed: int):
+  """Parameters of `model` from a seed (a jitted init: much faster)."""
+  rng = jax.random.key(seed)
+  images = jnp.zeros((1, *model.image_shape), jnp.float32)
+  variables = jax.jit(model.init)(
+    {
+      'params': jax.random.fold_in(rng, 1),
+      'sample': jax.random.fold_in(rng, 2),
+    },
+    images,
+  )
+  return variables['params']
+
+
+# Window pixels brighter than this make up an object's tight box (chosen on
+# training images, RESULTS.md).
+BOX_THRESHOLD = 0.2
+
+
+def tight_boxes(
+  output: AIROutput,
+  image_size: int | tuple[int, int],
+  threshold: float = BOX_THRESHOLD,
+) -> jax.Array:
+  """[B, N, 4] tight boxes (top, left, height, width) of the objects: the
+  extent of their rendered pixels brighter than `threshold` (the attention
+  windows are squares with margin; these are the objects themselves)."""
+  box = spatial_transformer.object_boxes(
+    output.windows, output.z_where, image_size, threshold
+  )
+  return jnp.stack(box, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))

@@ -7,11 +7,24 @@ step t (given z_pres_{t-1} = 1) z_pres_t ~ Bernoulli(p), so the number of
 objects n in {0..N} has P(n) = p^n (1 - p) for n < N and P(N) = p^N.
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+__all__ = [
+  'NormalParams',
+  'SCHEDULE_KINDS',
+  'Schedule',
+  'anneal',
+  'bernoulli_kl',
+  'count_prior_probs',
+  'normal_kl',
+  'sample_normal',
+  'standard_normal_like',
+]
 
 _EPS = 1e-7
 # Smallest prior probability used in a log: keeps p = 1e-30 (69 nats per
@@ -26,13 +39,16 @@ class NormalParams(NamedTuple):
   scale: jax.Array
 
 
+SCHEDULE_KINDS = ('constant', 'exponential', 'linear')
+
+
 def anneal(
   step: jax.Array | int,
   *,
   init: float,
   final: float,
   anneal_steps: int,
-  schedule: str = 'exponential',
+  kind: str = 'exponential',
 ) -> jax.Array:
   """A value moving from `init` (step 0) to `final` (step `anneal_steps` on).
 
@@ -41,31 +57,71 @@ def anneal(
     init: value at step 0.
     final: value from `anneal_steps` on.
     anneal_steps: length of the annealing; 0 means `final` from the start.
-    schedule: 'exponential' (linear in log value), 'linear', or 'constant'
+    kind: 'exponential' (linear in log value), 'linear', or 'constant'
       (always `final`).
 
   Returns:
     Scalar float32.
   """
   step = jnp.asarray(step, jnp.float32)
-  if schedule == 'constant' or anneal_steps <= 0:
+  if kind == 'constant' or anneal_steps <= 0:
     return jnp.asarray(final, jnp.float32)
   frac = jnp.clip(step / anneal_steps, 0.0, 1.0)
-  if schedule == 'linear':
+  if kind == 'linear':
     return (1.0 - frac) * init + frac * final
-  if schedule == 'exponential':
+  if kind == 'exponential':
     log_p = (1.0 - frac) * math.log(init) + frac * math.log(final)
     return jnp.exp(log_p)
-  raise ValueError(f'Unknown schedule {schedule!r}.')
+  raise ValueError(f'Unknown schedule kind {kind!r}; one of {SCHEDULE_KINDS}.')
 
 
-def z_pres_prior_prob(step: jax.Array | int, **schedule) -> jax.Array:
-  """Per-step success probability p of the count prior at a training step.
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """An annealed quantity: `anneal` with its settings bound (hashable).
 
-  `anneal(step, **schedule)`: the paper annealed p log-linearly from near 1
-  to 1e-5; 'constant' keeps `final`.
+  The per-step z_pres prior p and the likelihood's pixel std are both
+  Schedules. `Schedule.constant(v)` never changes.
+
+  Attributes:
+    init: value at step 0.
+    final: value from `anneal_steps` on.
+    anneal_steps: length of the annealing (0: `final` throughout).
+    kind: 'constant', 'exponential' (log-linear) or 'linear'.
   """
-  return anneal(step, **schedule)
+
+  init: float
+  final: float
+  anneal_steps: int = 0
+  kind: str = 'constant'
+
+  def __post_init__(self):
+    if self.kind not in SCHEDULE_KINDS:
+      raise ValueError(
+        f'schedule kind {self.kind!r} is not one of {SCHEDULE_KINDS}.'
+      )
+    values = (self.init, self.final)
+    if not all(math.isfinite(v) for v in values):
+      raise ValueError(f'schedule values must be finite, got {values}.')
+    if self.anneal_steps < 0:
+      raise ValueError(f'anneal_steps must be >= 0, got {self.anneal_steps}.')
+    if self.kind == 'exponential' and min(values) <= 0:
+      raise ValueError(
+        f'an exponential schedule needs init, final > 0, got {values}.'
+      )
+
+  @classmethod
+  def constant(cls, value: float) -> 'Schedule':
+    return cls(init=value, final=value)
+
+  def __call__(self, step: jax.Array | int) -> jax.Array:
+    """The value at `step` (scalar float32)."""
+    return anneal(
+      step,
+      init=self.init,
+      final=self.final,
+      anneal_steps=self.anneal_steps,
+      kind=self.kind,
+    )
 
 
 def count_prior_probs(z_pres_prob: jax.Array | float, max_steps: int):
@@ -85,26 +141,18 @@ def count_prior_probs(z_pres_prob: jax.Array | float, max_steps: int):
 
 
 def bernoulli_kl(q: jax.Array, p: jax.Array) -> jax.Array:
-  """KL(Bernoulli(q) || Bernoulli(p)), elementwise, finite for q in [0, 1]."""
+  """KL(Bernoulli(q) || Bernoulli(p)), elementwise.
+
+  Exact at q = 0 and 1 (0 log 0 = 0) and with finite gradients there that
+  point towards p: the logs see q and 1 - q floored at 1e-7, a floor that
+  only ever multiplies 0 or changes nothing.
+  """
   q = jnp.clip(q, 0.0, 1.0)
   p = jnp.clip(p, _MIN_PRIOR, 1.0 - _EPS)
-  # xlogy gives 0 log 0 = 0 at q in {0, 1}.
-  return (
-    jax.scipy.special.xlogy(q, q)
-    - q * jnp.log(p)
-    + jax.scipy.special.xlogy(1.0 - q, 1.0 - q)
-    - (1.0 - q) * jnp.log1p(-p)
-  )
-
-
-def z_where_prior(
-  scale_loc: float, scale_std: float, shift_std: float
-) -> NormalParams:
-  """Prior over z_where = (s, x, y): independent Normals. Each field [3]."""
-  return NormalParams(
-    loc=jnp.array([scale_loc, 0.0, 0.0], jnp.float32),
-    scale=jnp.array([scale_std, shift_std, shift_std], jnp.float32),
-  )
+  r = 1.0 - q
+  log_q = jnp.log(jnp.maximum(q, _EPS))
+  log_r = jnp.log(jnp.maximum(r, _EPS))
+  return q * (log_q - jnp.log(p)) + r * (log_r - jnp.log1p(-p))
 
 
 def normal_kl(q: NormalParams, p: NormalParams) -> jax.Array:
@@ -135,22 +183,3 @@ def sample_normal(rng: jax.Array, params: NormalParams) -> jax.Array:
   """Reparameterised sample loc + scale * eps."""
   eps = jax.random.normal(rng, params.loc.shape, params.loc.dtype)
   return params.loc + params.scale * eps
-
-
-def sample_relaxed_bernoulli(
-  rng: jax.Array, prob: jax.Array, temperature: float
-) -> jax.Array:
-  """Binary Concrete (Maddison et al. 2017) sample in (0, 1), reparameterised.
-
-  Args:
-    rng: PRNG key.
-    prob: [...] success probabilities.
-    temperature: relaxation temperature (> 0); smaller is closer to binary.
-
-  Returns:
-    [...] relaxed sample sigmoid((logit(prob) + logistic noise) / T).
-  """
-  u = jax.random.uniform(rng, prob.shape, prob.dtype, _EPS, 1.0 - _EPS)
-  logistic = jnp.log(u) - jnp.log1p(-u)
-  logit = jnp.log(prob + _EPS) - jnp.log1p(-prob + _EPS)
-  return jax.nn.sigmoid((logit + logistic) / temperature)

@@ -13,6 +13,14 @@ import jax.numpy as jnp
 
 from air_jax import distributions
 
+__all__ = [
+  'GlimpseDecoder',
+  'GlimpseEncoder',
+  'LSTM',
+  'LSTMState',
+  'MLP',
+]
+
 
 class LSTMState(NamedTuple):
   """LSTM memory and output, each [B, F]."""

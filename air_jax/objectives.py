@@ -20,6 +20,7 @@ choice z_pres_t can change, i.e. the likelihood and the costs of steps >= t:
 expectation over z_pres_t and so is not part of its own signal.
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -28,9 +29,28 @@ import jax.numpy as jnp
 from air_jax import air
 from air_jax import distributions
 
+__all__ = [
+  'BASELINES',
+  'ELBOTerms',
+  'LIKELIHOODS',
+  'LossAux',
+  'LossConfig',
+  'SignalMoments',
+  'SignalSums',
+  'air_loss',
+  'baseline_loss',
+  'downstream_signal',
+  'elbo_terms',
+  'log_importance_weight',
+  'log_likelihood',
+  'reinforce_surrogate',
+  'step_costs',
+  'update_signal_moments',
+  'z_pres_log_prob',
+]
+
 LIKELIHOODS = ('normal', 'bernoulli')
-Z_PRES_KLS = ('analytic', 'sampled')
-SIGNALS = ('downstream', 'elbo')
+BASELINES = ('normalised', 'plain', 'none')
 
 
 class ELBOTerms(NamedTuple):
@@ -51,15 +71,78 @@ class ELBOTerms(NamedTuple):
   elbo: jax.Array
 
 
-class NVILState(NamedTuple):
-  """Running mean and variance of the learning signal (NVIL, Mnih & Gregor)."""
+class SignalMoments(NamedTuple):
+  """Running mean and variance of the REINFORCE learning signal.
+
+  A normalised baseline (see `air_loss`) predicts the signal in units of
+  these moments; `update_signal_moments` keeps them current.
+  """
 
   mean: jax.Array  # []
   var: jax.Array  # []
 
   @classmethod
-  def create(cls) -> 'NVILState':
+  def create(cls) -> 'SignalMoments':
     return cls(mean=jnp.zeros(()), var=jnp.ones(()))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Every setting of `air_loss`, in one hashable place.
+
+  Built once from a run's config (`configuration.loss_config`); a static
+  argument of the jitted steps.
+
+  Attributes:
+    z_pres_prior: Schedule of the per-step prior probability p.
+    z_where_prior_loc: prior mean of z_where = (s, x, y).
+    z_where_prior_scale: prior std of z_where.
+    likelihood: 'normal' or 'bernoulli'.
+    likelihood_std: Schedule of the Normal likelihood's pixel std.
+    baseline: 'normalised' (the baseline network predicts the signal in
+      units of its running moments), 'plain' (in nats) or 'none' (the
+      advantage is the raw signal; the model must have no baseline).
+    moments_decay: decay of the running signal moments.
+  """
+
+  z_pres_prior: distributions.Schedule = distributions.Schedule.constant(1e-5)
+  z_where_prior_loc: tuple[float, float, float] = (2.5, 0.0, 0.0)
+  z_where_prior_scale: tuple[float, float, float] = (0.2, 1.0, 1.0)
+  likelihood: str = 'normal'
+  likelihood_std: distributions.Schedule = distributions.Schedule(
+    init=1.0, final=0.3, anneal_steps=5_000, kind='exponential'
+  )
+  baseline: str = 'normalised'
+  moments_decay: float = 0.9
+
+  def __post_init__(self):
+    if self.likelihood not in LIKELIHOODS:
+      raise ValueError(
+        f'likelihood {self.likelihood!r} is not one of {LIKELIHOODS}.'
+      )
+    if self.baseline not in BASELINES:
+      raise ValueError(f'baseline {self.baseline!r} is not one of {BASELINES}.')
+    if not 0.0 <= self.moments_decay < 1.0:
+      raise ValueError(
+        f'moments_decay must be in [0, 1), got {self.moments_decay}.'
+      )
+    p = (self.z_pres_prior.init, self.z_pres_prior.final)
+    if not all(0.0 < v < 1.0 for v in p):
+      raise ValueError(f'z_pres prior probabilities must be in (0, 1): {p}.')
+    std = (self.likelihood_std.init, self.likelihood_std.final)
+    if self.likelihood == 'normal' and min(std) <= 0:
+      raise ValueError(f'likelihood std must be > 0, got {std}.')
+    if min(self.z_where_prior_scale) <= 0:
+      raise ValueError(
+        f'z_where prior scales must be > 0: {self.z_where_prior_scale}.'
+      )
+
+  def z_where_prior(self) -> distributions.NormalParams:
+    """The z_where prior, fields [3]."""
+    return distributions.NormalParams(
+      jnp.asarray(self.z_where_prior_loc, jnp.float32),
+      jnp.asarray(self.z_where_prior_scale, jnp.float32),
+    )
 
 
 class LossAux(NamedTuple):
@@ -107,8 +190,7 @@ def elbo_terms(
   z_pres_prior_prob: jax.Array | float,
   z_where_prior: distributions.NormalParams,
   likelihood: str = 'normal',
-  likelihood_std: float = 0.3,
-  z_pres_kl: str = 'analytic',
+  likelihood_std: float | jax.Array = 0.3,
 ) -> ELBOTerms:
   """The ELBO of each image from one posterior sample.
 
@@ -119,30 +201,14 @@ def elbo_terms(
     z_where_prior: NormalParams with [3] fields.
     likelihood: see `log_likelihood`.
     likelihood_std: see `log_likelihood`.
-    z_pres_kl: 'analytic': KL_pres_t = mask_t KL(q_t || p), the expectation
-      over z_pres_t; 'sampled': log q(z_pres_t) - log p(z_pres_t) at the
-      sampled z_pres_t (as Pyro's TraceGraph_ELBO; the same expectation,
-      and then part of step t's own REINFORCE signal).
 
   Returns:
-    ELBOTerms.
+    ELBOTerms. KL_pres_t = mask_t KL(q_t || p) is the expectation over
+    z_pres_t (analytic), so it carries no score-function term of its own.
   """
   ll = log_likelihood(output.canvas, images, likelihood, likelihood_std)
   prior = jnp.asarray(z_pres_prior_prob, jnp.float32)
-  if z_pres_kl == 'analytic':
-    kl_pres = output.mask * distributions.bernoulli_kl(
-      output.z_pres_prob, prior
-    )
-  elif z_pres_kl == 'sampled':
-    kl_pres = z_pres_log_prob(
-      output.z_pres, output.z_pres_prob, output.mask
-    ) - z_pres_log_prob(
-      output.z_pres, jnp.broadcast_to(prior, output.z_pres.shape), output.mask
-    )
-  else:
-    raise ValueError(
-      f'z_pres_kl must be one of {Z_PRES_KLS}, got {z_pres_kl!r}.'
-    )
+  kl_pres = output.mask * distributions.bernoulli_kl(output.z_pres_prob, prior)
   where_q = distributions.NormalParams(output.z_where_loc, output.z_where_scale)
   what_q = distributions.NormalParams(output.z_what_loc, output.z_what_scale)
   kl_where = output.z_pres * distributions.normal_kl(where_q, z_where_prior)
@@ -167,15 +233,9 @@ def downstream_signal(log_lik: jax.Array, step_costs: jax.Array) -> jax.Array:
   return log_lik[:, None] - costs_from_t
 
 
-def step_costs(terms: ELBOTerms, z_pres_kl: str = 'analytic') -> jax.Array:
-  """[B, N] the costs that step t's choice z_pres_t brings about.
-
-  Analytic: cost_t = KL_where_t + KL_what_t + KL_pres_{t+1} (see module
-  doc). Sampled: cost_t = KL_pres_t + KL_where_t + KL_what_t (the sampled
-  log-ratio of z_pres_t depends on the choice itself).
-  """
-  if z_pres_kl == 'sampled':
-    return terms.kl_pres + terms.kl_where + terms.kl_what
+def step_costs(terms: ELBOTerms) -> jax.Array:
+  """[B, N] the costs that step t's choice z_pres_t brings about:
+  cost_t = KL_where_t + KL_what_t + KL_pres_{t+1} (see the module doc)."""
   next_kl_pres = jnp.pad(terms.kl_pres[:, 1:], ((0, 0), (0, 1)))
   return terms.kl_where + terms.kl_what + next_kl_pres
 
@@ -260,45 +320,27 @@ class SignalSums(NamedTuple):
 def air_loss(
   output: air.AIROutput,
   images: jax.Array,
-  z_pres_prior_prob: jax.Array | float,
-  z_where_prior: distributions.NormalParams,
-  *,
-  likelihood: str = 'normal',
-  likelihood_std: float = 0.3,
-  z_pres_estimator: str = 'reinforce',
-  signal: str = 'downstream',
-  nvil: NVILState | None = None,
-  nvil_scale: bool = False,
-  z_pres_kl: str = 'analytic',
-  baseline_moments: NVILState | None = None,
+  config: LossConfig,
+  step: jax.Array | int,
+  moments: SignalMoments | None = None,
 ) -> tuple[jax.Array, LossAux]:
   """The scalar to minimise: -mean(ELBO + surrogate) + baseline loss.
 
+  The REINFORCE signal of step t is the downstream (Rao-Blackwellised)
+  signal; the advantage is signal - baseline.
+
   Args:
-    output: AIROutput (with `baseline` when a baseline is used).
+    output: AIROutput (its `baseline` is used unless config.baseline is
+      'none').
     images: [B, H, W].
-    z_pres_prior_prob: scalar p.
-    z_where_prior: NormalParams with [3] fields.
-    likelihood: see `log_likelihood`.
-    likelihood_std: see `log_likelihood`.
-    z_pres_estimator: 'reinforce' adds the score-function surrogate;
-      'concrete' relies on the relaxed, reparameterised z_pres.
-    signal: 'downstream' (Rao-Blackwellised per step) or 'elbo' (the whole
-      ELBO for every step, for ablations).
-    nvil: if given, the signal is centred by its running mean before the
-      baseline is subtracted (the baseline then learns the residual), as in
-      NVIL.
-    nvil_scale: also divide the advantage by max(1, running std), as NVIL
-      does. Beware: this reweights the score-function term against the
-      pathwise gradients of the analytic KLs and the likelihood, so the
-      total gradient is no longer that of the ELBO.
-    z_pres_kl: see `elbo_terms`.
-    baseline_moments: if given (running mean m and variance v of the
-      signal, from earlier batches), the baseline network's output is in
-      standard units: the baseline is m + sqrt(v) * output and it is fitted
-      to (target - m) / sqrt(v). A network whose output starts near 0 then
-      tracks a signal of hundreds of nats from the first steps; without it,
-      Adam moves the output by about the learning rate per step and the
+    config: LossConfig.
+    step: the training step (the schedules' argument).
+    moments: running moments of the signal (from earlier batches); needed
+      when config.baseline is 'normalised'. The baseline network's output is
+      then in standard units: the baseline is m + sqrt(v) * output and it is
+      fitted to (signal - m) / sqrt(v). A network whose output starts near 0
+      then tracks a signal of hundreds of nats from the first steps; without
+      it, Adam moves the output by about the learning rate per step and the
       baseline lags far behind. The advantage is not rescaled, so the
       estimator stays unbiased.
 
@@ -308,63 +350,51 @@ def air_loss(
   terms = elbo_terms(
     output,
     images,
-    z_pres_prior_prob,
-    z_where_prior,
-    likelihood,
-    likelihood_std,
-    z_pres_kl,
+    config.z_pres_prior(step),
+    config.z_where_prior(),
+    config.likelihood,
+    config.likelihood_std(step),
   )
-  if signal == 'downstream':
-    raw = downstream_signal(terms.log_likelihood, step_costs(terms, z_pres_kl))
-  elif signal == 'elbo':
-    raw = jnp.broadcast_to(terms.elbo[:, None], output.mask.shape)
-  else:
-    raise ValueError(f'signal must be one of {SIGNALS}, got {signal!r}.')
-  if nvil is not None and baseline_moments is not None:
-    raise ValueError('Use NVIL centring or a normalised baseline, not both.')
-  raw = jax.lax.stop_gradient(raw)
   mask = output.mask
-
-  target = raw
-  scale = 1.0
-  if nvil is not None:
-    target = raw - nvil.mean
-    if nvil_scale:
-      scale = jnp.maximum(1.0, jnp.sqrt(nvil.var))
-  if baseline_moments is None:
+  signal = jax.lax.stop_gradient(
+    downstream_signal(terms.log_likelihood, step_costs(terms))
+  )
+  if config.baseline == 'none':
+    baseline = jnp.zeros_like(signal)
+    b_loss = jnp.zeros(())
+  elif config.baseline == 'plain':
     baseline = output.baseline
-    b_loss = baseline_loss(baseline, target, mask)
+    b_loss = baseline_loss(baseline, signal, mask)
   else:
-    shift = baseline_moments.mean
-    unit = jnp.sqrt(jnp.maximum(baseline_moments.var, 1e-6))
+    if moments is None:
+      raise ValueError('A normalised baseline needs the signal moments.')
+    shift = moments.mean
+    unit = jnp.sqrt(jnp.maximum(moments.var, 1e-6))
     baseline = shift + unit * output.baseline
-    b_loss = baseline_loss(output.baseline, (target - shift) / unit, mask)
-  advantage = mask * (target - baseline) / scale
-
-  objective = terms.elbo
-  if z_pres_estimator == 'reinforce':
-    log_q = z_pres_log_prob(output.z_pres, output.z_pres_prob, mask)
-    objective = objective + reinforce_surrogate(log_q, advantage, mask)
+    b_loss = baseline_loss(output.baseline, (signal - shift) / unit, mask)
+  advantage = mask * (signal - baseline)
+  log_q = z_pres_log_prob(output.z_pres, output.z_pres_prob, mask)
+  objective = terms.elbo + reinforce_surrogate(log_q, advantage, mask)
   loss = -jnp.mean(objective) + b_loss
   return loss, LossAux(
     terms=terms,
-    signal=raw,
+    signal=signal,
     advantage=advantage,
     baseline_loss=b_loss,
-    signal_sums=SignalSums.of(raw, mask),
+    signal_sums=SignalSums.of(signal, mask),
   )
 
 
-def update_nvil(
-  state: NVILState,
+def update_signal_moments(
+  moments: SignalMoments,
   batch_mean: jax.Array,
   batch_var: jax.Array,
   decay: float = 0.9,
-) -> NVILState:
+) -> SignalMoments:
   """Exponential moving averages of the signal's mean and variance."""
-  return NVILState(
-    mean=decay * state.mean + (1.0 - decay) * batch_mean,
-    var=decay * state.var + (1.0 - decay) * batch_var,
+  return SignalMoments(
+    mean=decay * moments.mean + (1.0 - decay) * batch_mean,
+    var=decay * moments.var + (1.0 - decay) * batch_var,
   )
 
 

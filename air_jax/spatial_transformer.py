@@ -1,8 +1,17 @@
 """Differentiable spatial transformer for scale-and-shift windows.
 
 Glossary of shapes:
-  B: batch, H, W: image rows and columns, h, w: window rows and columns,
+  L: any number of leading batch axes (none for a single example), N: objects,
+  H, W: image rows and columns, h, w: window rows and columns,
   C: optional trailing channel axes.
+
+  Every function reads the leading axes L from z_where ([*L, 3]) and requires
+  the other arguments to start with the same axes, so a function works on one
+  example, on a batch, on several batch axes and under jax.vmap alike; the
+  batched work is one call on the flattened leading axes (B = prod(L)), not a
+  loop. Because trailing channel axes are allowed, L comes from z_where alone:
+  images [B, H, W] with a single z_where [3] would be read as one image with
+  H = B rows and W = H columns of W channels, so pass z_where [B, 3].
 
 Convention (`z_where = (s, x, y)`):
   Coordinates are normalised to [-1, 1] across the image, x along columns
@@ -29,6 +38,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+__all__ = [
+  'Box',
+  'MIN_SCALE',
+  'box_to_z_where',
+  'image_to_window',
+  'interpolation_matrix',
+  'object_boxes',
+  'window_to_image',
+  'windows_to_canvas',
+  'z_where_to_box',
+]
 
 # Smallest |s| used in a division; keeps everything finite for s near 0.
 MIN_SCALE = 1e-4
@@ -82,11 +103,37 @@ def _apply_separable(
   return jnp.einsum('baj...,bcj->bac...', tmp, cols)
 
 
-def _check_z_where(z_where: jax.Array, batch: int) -> None:
-  if z_where.shape != (batch, 3):
+def _leading_axes(z_where: jax.Array, spec: str, rank: int) -> tuple[int, ...]:
+  """The leading axes L of z_where, whose last `rank` axes `spec` names."""
+  if z_where.ndim < rank or z_where.shape[-1] != 3:
     raise ValueError(
-      f'z_where must have shape [B, 3] = {(batch, 3)}, got {z_where.shape}.'
+      f'z_where must have shape {spec} (s, x, y), got {z_where.shape}.'
     )
+  return tuple(z_where.shape[: z_where.ndim - rank])
+
+
+def _check_source(
+  name: str, array: jax.Array, prefix: tuple[int, ...], spec: str, rank: int
+) -> None:
+  """Checks that `array` is [*prefix, <rank axes>, ...] (`spec` for messages)."""
+  if (
+    array.ndim < len(prefix) + rank
+    or tuple(array.shape[: len(prefix)]) != prefix
+  ):
+    raise ValueError(
+      f'{name} must have shape {spec} with leading axes {prefix} (those of '
+      f'z_where) and at least {rank} more, got {array.shape}.'
+    )
+
+
+def _flatten(array: jax.Array, num_lead: int) -> jax.Array:
+  """Merges the first `num_lead` axes into one (adds one if num_lead = 0)."""
+  return jnp.reshape(array, (-1, *array.shape[num_lead:]))
+
+
+def _unflatten(array: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+  """Splits the first axis of `array` back into `lead`."""
+  return jnp.reshape(array, (*lead, *array.shape[1:]))
 
 
 def image_to_window(
@@ -95,23 +142,29 @@ def image_to_window(
   """Reads the window that `z_where` places on each image (bilinear).
 
   Args:
-    images: [B, H, W, *C] images.
-    z_where: [B, 3] (s, x, y) per example, see the module docstring.
+    images: [*L, H, W, *C] images (L may be empty: one image [H, W, *C]).
+    z_where: [*L, 3] (s, x, y) per example, see the module docstring.
     window_size: h (square window) or (h, w).
 
   Returns:
-    [B, h, w, *C] windows. Window pixels that fall outside the image are 0.
+    [*L, h, w, *C] windows. Window pixels that fall outside the image are 0.
+
+  Raises:
+    ValueError: if z_where is not [*L, 3] or images does not start with L
+      followed by at least two axes.
   """
+  lead = _leading_axes(z_where, '[*L, 3]', 1)
+  _check_source('images', images, lead, '[*L, H, W, *C]', 2)
   h, w = _pair(window_size)
-  batch, height, width = images.shape[:3]
-  _check_z_where(z_where, batch)
+  images, z_where = _flatten(images, len(lead)), _flatten(z_where, len(lead))
+  height, width = images.shape[1:3]
   scale = _safe_scale(z_where[:, 0:1])  # [B, 1]
   x, y = z_where[:, 1:2], z_where[:, 2:3]
   rows_u = y + _pixel_centres(h) / scale  # [B, h]
   cols_u = x + _pixel_centres(w) / scale  # [B, w]
   rows = interpolation_matrix(_to_pixel_index(rows_u, height), height)
   cols = interpolation_matrix(_to_pixel_index(cols_u, width), width)
-  return _apply_separable(rows, images, cols)
+  return _unflatten(_apply_separable(rows, images, cols), lead)
 
 
 def window_to_image(
@@ -124,17 +177,23 @@ def window_to_image(
   result is 0 outside the window's square.
 
   Args:
-    windows: [B, h, w, *C] windows.
-    z_where: [B, 3] (s, x, y) per example, see the module docstring.
+    windows: [*L, h, w, *C] windows (L may be empty: one window [h, w, *C]).
+    z_where: [*L, 3] (s, x, y) per example, see the module docstring.
     image_size: H (square image) or (H, W).
 
   Returns:
-    [B, H, W, *C] images.
+    [*L, H, W, *C] images.
+
+  Raises:
+    ValueError: if z_where is not [*L, 3] or windows does not start with L
+      followed by at least two axes.
   """
-  batch, h, w = windows.shape[:3]
-  _check_z_where(z_where, batch)
+  lead = _leading_axes(z_where, '[*L, 3]', 1)
+  _check_source('windows', windows, lead, '[*L, h, w, *C]', 2)
+  windows, z_where = _flatten(windows, len(lead)), _flatten(z_where, len(lead))
+  h, w = windows.shape[1:3]
   rows, cols = _write_matrices(z_where, (h, w), _pair(image_size))
-  return _apply_separable(rows, windows, cols)
+  return _unflatten(_apply_separable(rows, windows, cols), lead)
 
 
 def windows_to_canvas(
@@ -145,30 +204,44 @@ def windows_to_canvas(
 ) -> jax.Array:
   """Draws N windows per example and adds them up, weighted.
 
-  Equal to sum_n weights[:, n] * window_to_image(windows[:, n], z_where[:, n])
-  without materialising the N images: per example it is one matmul whose
-  contraction runs over objects and window columns together,
-  canvas = [R_1 W_1, ..., R_N W_N] @ [C_1, ..., C_N]^T.
+  Equal to sum_n weights[..., n] * window_to_image(windows[..., n, :, :],
+  z_where[..., n, :]) without materialising the N images: per example it is
+  one matmul whose contraction runs over objects and window columns together,
+  canvas = [R_1 W_1, ..., R_N W_N] @ [C_1, ..., C_N]^T. Trailing channel axes
+  are carried through, as in `window_to_image`.
 
   Args:
-    windows: [B, N, h, w] windows.
-    z_where: [B, N, 3] (s, x, y) of each window.
-    weights: [B, N] weight of each window (z_pres in AIR).
+    windows: [*L, N, h, w, *C] windows (L may be empty: one example).
+    z_where: [*L, N, 3] (s, x, y) of each window.
+    weights: [*L, N] weight of each window (z_pres in AIR).
     image_size: H (square image) or (H, W).
 
   Returns:
-    [B, H, W] canvases.
+    [*L, H, W, *C] canvases.
+
+  Raises:
+    ValueError: if z_where is not [*L, N, 3], weights not [*L, N], or windows
+      does not start with [*L, N] followed by at least two axes.
   """
-  batch, num, h, w = windows.shape
-  if z_where.shape != (batch, num, 3) or weights.shape != (batch, num):
+  lead = _leading_axes(z_where, '[*L, N, 3]', 2)
+  if tuple(weights.shape) != tuple(z_where.shape[:-1]):
     raise ValueError(
-      f'z_where must be [B, N, 3] and weights [B, N] for windows '
-      f'{windows.shape}, got {z_where.shape} and {weights.shape}.'
+      f'weights must have shape [*L, N] = {tuple(z_where.shape[:-1])} to match '
+      f'z_where {z_where.shape}, got {weights.shape}.'
     )
+  _check_source(
+    'windows', windows, (*z_where.shape[:-1],), '[*L, N, h, w, *C]', 2
+  )
+  windows, z_where, weights = (
+    _flatten(a, len(lead)) for a in (windows, z_where, weights)
+  )
+  h, w = windows.shape[2:4]
   rows, cols = _write_matrices(z_where, (h, w), _pair(image_size))
   weighted = rows * weights[..., None, None]  # [B, N, H, h]
-  tmp = jnp.einsum('bnah,bnhw->bnaw', weighted, windows)  # [B, N, H, w]
-  return jnp.einsum('bnaw,bncw->bac', tmp, cols)
+  # [B, N, H, w, *C]
+  tmp = jnp.einsum('bnah,bnhw...->bnaw...', weighted, windows)
+  canvas = jnp.einsum('bnaw...,bncw->bac...', tmp, cols)  # [B, H, W, *C]
+  return _unflatten(canvas, lead)
 
 
 def _write_matrices(
@@ -212,6 +285,92 @@ def z_where_to_box(
     height=height * half,
     width=width * half,
   )
+
+
+def object_boxes(
+  windows: jax.Array,
+  z_where: jax.Array,
+  image_size: int | tuple[int, int],
+  threshold: float = 0.5,
+) -> Box:
+  """Tight boxes around the window pixels brighter than `threshold`.
+
+  Window pixel j of an axis of h pixels is the square [j, j + 1] in window
+  pixel coordinates; `window_to_image` puts the window's edge coordinate
+  c in [0, h] at image pixel coordinate H / 2 * (1 + y + (2 c / h - 1) / s)
+  (x and W along columns). The box is the union of these spans over the
+  pixels with intensity > threshold (strictly), so it equals the bounding box
+  of the object `window_to_image` draws, before the bilinear smear: the
+  identity z_where (s = 1, x = y = 0, h = H, w = W) gives exactly the pixel
+  box of the above-threshold region. Boxes are not clipped to the image.
+
+  Args:
+    windows: [*L, h, w] window intensities in [0, 1] (the decoder output; L
+      is any number of leading axes, e.g. [B, N]).
+    z_where: [*L, 3] (s, x, y) of each window.
+    image_size: H (square image) or (H, W).
+    threshold: intensity a pixel must exceed to count as the object.
+
+  Returns:
+    A Box of [*L] arrays in continuous image pixel coordinates, as
+    `z_where_to_box`. A window with no pixel above threshold gets
+    height = width = 0 at its centre (top, left = the centre of its square).
+
+  Raises:
+    ValueError: if z_where is not [*L, 3] or windows is not [*L, h, w].
+  """
+  lead = _leading_axes(z_where, '[*L, 3]', 1)
+  if windows.ndim != len(lead) + 2 or tuple(windows.shape[:-2]) != lead:
+    raise ValueError(
+      f'windows must have shape [*L, h, w] with L = {lead} (the leading axes '
+      f'of z_where) and no channel axis, got {windows.shape}.'
+    )
+  height, width = _pair(image_size)
+  h, w = windows.shape[-2:]
+  mask = windows > threshold
+  scale = _safe_scale(z_where[..., 0])
+  x, y = z_where[..., 1], z_where[..., 2]
+  top, box_height, found_rows = _object_extent(
+    jnp.any(mask, axis=-1), y, scale, height
+  )
+  left, box_width, found_cols = _object_extent(
+    jnp.any(mask, axis=-2), x, scale, width
+  )
+  del found_cols  # A pixel found along rows is also found along columns.
+  return Box(
+    top=jnp.where(found_rows, top, (1.0 + y) * height / 2.0),
+    left=jnp.where(found_rows, left, (1.0 + x) * width / 2.0),
+    height=jnp.where(found_rows, box_height, 0.0),
+    width=jnp.where(found_rows, box_width, 0.0),
+  )
+
+
+def _object_extent(
+  hit: jax.Array, offset: jax.Array, scale: jax.Array, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Image extent along one axis of the window pixels where `hit` is true.
+
+  Args:
+    hit: [..., n] bool, which window pixels along the axis are the object.
+    offset: [...] x or y of z_where.
+    scale: [...] s of z_where, nonzero.
+    size: H or W, image pixels along the axis.
+
+  Returns:
+    (start [...], length [...], found [...] bool) in image pixel coordinates;
+    start and length are meaningless where nothing is found.
+  """
+  n = hit.shape[-1]
+  first = jnp.argmax(hit, axis=-1)
+  end = n - jnp.argmax(hit[..., ::-1], axis=-1)  # One past the last hit.
+
+  def to_image(c):
+    # size / 2 * (1 + offset + (2 c / n - 1) / s), written so that the
+    # identity (s = 1, offset = 0, n = size) maps c to c exactly.
+    return size / 2.0 * (1.0 + offset) + size * (c - n / 2.0) / (n * scale)
+
+  a, b = to_image(first), to_image(end)  # b < a when s < 0 (a flip).
+  return jnp.minimum(a, b), jnp.abs(b - a), jnp.any(hit, axis=-1)
 
 
 def box_to_z_where(box: Box, image_size: int | tuple[int, int]) -> jax.Array:

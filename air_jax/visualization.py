@@ -3,15 +3,29 @@
 Glossary of shapes: B batch, N steps, H, W image.
 """
 
+import io
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from air_jax import air
+from air_jax import files
 from air_jax import spatial_transformer
+
+__all__ = [
+  'STEP_COLOURS',
+  'boxes_from_z_where',
+  'curves_png',
+  'draw_boxes',
+  'reconstruction_grid',
+  'reconstructions',
+  'save_png',
+]
 
 # One colour per AIR step (red, green, blue, then more).
 STEP_COLOURS = (
@@ -109,8 +123,17 @@ def reconstruction_grid(
   return grid
 
 
+def reconstructions(model: air.AIR, params, images: np.ndarray) -> np.ndarray:
+  """`reconstruction_grid` of a model's posterior modes on images [B, H, W]."""
+  out = jax.device_get(air.posterior_modes(model, params, jnp.asarray(images)))
+  return reconstruction_grid(images, out.canvas, out.z_pres, out.z_where)
+
+
 def save_png(path: str, image: np.ndarray) -> None:
-  Image.fromarray(image).save(path)
+  """Writes an [H, W] or [H, W, 3] uint8 array as a PNG, atomically."""
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  files.write_bytes(path, buffer.getvalue())
 
 
 def _read_curves(workdir: str, split: str):

@@ -13,6 +13,13 @@ import time
 
 import numpy as np
 
+__all__ = [
+  'MetricWriter',
+  'NonFiniteMetricError',
+  'ProgressBar',
+  'quiet_library_logs',
+]
+
 
 class NonFiniteMetricError(FloatingPointError):
   """A logged metric was NaN or infinite."""
@@ -21,13 +28,20 @@ class NonFiniteMetricError(FloatingPointError):
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard events.
 
-  Each JSON line is {"step": s, "<prefix>/<name>": value, ...}.
+  Each JSON line is {"step": s, "<prefix>/<name>": value, ...}. With
+  `enabled=False` (every process but the first of a multi-process run)
+  nothing is written.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(
+    self, workdir: str, tensorboard: bool = True, enabled: bool = True
+  ):
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self._tb = None
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
@@ -41,6 +55,8 @@ class MetricWriter:
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if check_finite and bad:
       raise NonFiniteMetricError(f'Non-finite metrics at step {step}: {bad}')
+    if self._jsonl is None:
+      return
     self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
     self._jsonl.flush()
     if self._tb is not None:
@@ -57,12 +73,14 @@ class MetricWriter:
       self._tb.add_text(name, text, int(step))
 
   def flush(self) -> None:
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -70,7 +88,15 @@ class MetricWriter:
 class ProgressBar:
   """A one-line terminal progress bar: step, chosen metrics and images/s."""
 
-  def __init__(self, total: int, start: int = 0, stream=sys.stderr, width=24):
+  def __init__(
+    self,
+    total: int,
+    start: int = 0,
+    stream=sys.stderr,
+    width: int = 24,
+    enabled: bool = True,
+  ):
+    self._enabled = enabled
     self._total = max(total, 1)
     self._start_step = start
     self._start_time = time.time()
@@ -79,6 +105,8 @@ class ProgressBar:
     self._tty = hasattr(stream, 'isatty') and stream.isatty()
 
   def update(self, step: int, fields: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
     frac = min(step / self._total, 1.0)
     filled = int(round(frac * self._width))
     bar = '#' * filled + '.' * (self._width - filled)
@@ -92,7 +120,7 @@ class ProgressBar:
     self._stream.flush()
 
   def close(self) -> None:
-    if self._tty:
+    if self._enabled and self._tty:
       self._stream.write('\n')
       self._stream.flush()
 

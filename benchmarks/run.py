@@ -1,42 +1,45 @@
 r"""Speed and memory of AIR at the paper's sizes: `make bench`.
 
-  python -m benchmarks.run [--quick] [--output=benchmarks/results.json]
+  python -m benchmarks.run [--quick] [--rss=false] \
+    [--output=benchmarks/results.json]
 
-Measures (warm-up first, then several timed blocks; median and min):
-  * training throughput of the jitted train step at batch 16 ... 512;
-  * compile time of the step, and that it is traced once;
+Writes the results (JSON; families of numbers as objects keyed by size),
+a plot of the cost against max_steps next to them (max_steps.png), and
+prints a table. Measured (benchmarks/measure.py; warm-up first, then
+several timed blocks, median and best):
+  * the jitted one-step train step at batch 16 ... 512, its compile time
+    and that it is traced once;
+  * the real training loop (experiments.train in a subprocess, full
+    dataset, no compilation cache) against its bare compiled K-step
+    function, both at batch 64;
+  * start-up: process start to the first logged step, with an empty and
+    then a filled compilation cache;
+  * vmapped sweeps of S seeds (train.train_sweep's program);
   * inference (deterministic guide pass) ms/image at batch 1 and 64;
-  * the train step's cost against max_steps = 1 ... 8;
-  * the data pipeline's images/s;
+  * train and inference cost against max_steps (batch 64);
   * FLOPs of a train step and an inference pass (XLA's cost analysis) and
-    this CPU's large-matmul FLOP/s, i.e. the hardware floor;
-  * peak RSS of a real training run on the full dataset (subprocess);
-  * the image projection's share of batch-64 inference, training and
-    inference with a rolled `lax.scan` (unroll=1) instead of the default
-    fully unrolled one, and, on CPU, under XLA:CPU's older runtime (a
-    subprocess with --xla_cpu_use_thunk_runtime=false).
+    this machine's large-matmul FLOP/s, i.e. the hardware floor;
+  * the host data pipeline's images/s; the image projection's share of
+    batch-64 inference; a rolled `lax.scan` (unroll=1);
+  * peak RSS of a real training run on the full dataset (subprocess).
 Pyro's numbers (issue #5, pyro-ppl 1.9.1 on a 2-core CPU) are quoted for
-comparison, not re-measured here.
+comparison, not re-measured here. The training subprocesses need the
+multi_mnist dataset; it is built (if missing) before anything is timed.
 """
 
-import functools
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from air_jax import evaluation
-from air_jax import input_pipeline
-from air_jax import train
-from configs import default
+from air_jax import visualization
+from air_jax.configs import default
+from benchmarks import measure
 
 _OUTPUT = flags.DEFINE_string(
   'output', 'benchmarks/results.json', 'Where to write the results.'
@@ -52,336 +55,293 @@ PYRO = {
 }
 
 
-def _blocks(fn, blocks: int, per_block: int) -> list[float]:
-  """Seconds per call of fn() in each block (fn must block until done)."""
-  times = []
-  for _ in range(blocks):
-    t = time.perf_counter()
-    for _ in range(per_block):
-      fn()
-    times.append((time.perf_counter() - t) / per_block)
-  return times
+class _Plan:
+  """What a run measures: sizes and repeats (full or --quick)."""
+
+  def __init__(self, quick: bool):
+    self.blocks, self.per_block = (3, 5) if quick else (5, 10)
+    self.batches = (16, 64, 256) if quick else (16, 32, 64, 128, 256, 512)
+    self.max_steps = (1, 3, 10) if quick else tuple(range(1, 11))
+    self.loop_steps = 200 if quick else 600
+    self.sweep_seeds = (1, 2) if quick else (1, 2, 4, 10)
+    self.sweep_per_block = 2
 
 
-def _median_and_min(times: list[float]) -> tuple[float, float]:
-  return float(np.median(times)), float(np.min(times))
+def _config(**fields):
+  """The default config with top-level or 'model.<field>' overrides."""
+  config = default.get_config()
+  for name, value in fields.items():
+    if name.startswith('model_'):
+      config.model[name[len('model_') :]] = value
+    else:
+      config[name] = value
+  return config
 
 
-def bench_train(config, blocks, per_block):
-  """(seconds per step of each timed block, compile s, traces) of the step."""
-  model = train.create_model(config)
-  settings = train.loss_settings(config)
-  state, tx = train.create_train_state(config, model)
-  traces = []
-
-  def counted(state, images):
-    traces.append(1)
-    return train.train_step(
-      state,
-      images,
-      model=model,
-      tx=tx,
-      settings=settings,
-      seed=0,
-      axis_name=None,
-    )
-
-  step = jax.jit(counted, donate_argnums=(0,))
-  images = jnp.asarray(
-    np.random.default_rng(0).random((config.batch_size, 50, 50), np.float32)
-  )
-  t = time.perf_counter()
-  state, metrics = step(state, images)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t
-  holder = [state]
-
-  def one():
-    holder[0], m = step(holder[0], images)
-    jax.block_until_ready(m)
-
-  _blocks(one, 1, 3)  # Warm-up.
-  times = _blocks(one, blocks, per_block)
-  return times, compile_s, len(traces)
-
-
-def bench_infer(config, batch, blocks, per_block):
-  """ms/image of the inference pass in each timed block."""
-  model = train.create_model(config)
-  params = train.init_params(model, 0, 50)
-  apply = evaluation.inference_pass(model)
-  images = jnp.asarray(
-    np.random.default_rng(0).random((batch, 50, 50), np.float32)
-  )
-  jax.block_until_ready(apply(params, images))
-  times = _blocks(
-    lambda: jax.block_until_ready(apply(params, images)), blocks, per_block
-  )
-  return [1000 * t / batch for t in times]
-
-
-def bench_projection(config, batch, blocks, per_block):
-  """ms/image of the image projection alone ([B, H*W] @ [H*W, 4F] + bias).
-
-  The one large matmul of an inference pass: the rest of the pass (the N
-  recurrent steps) is the total minus this.
-  """
-  size = config.model.image_size
-  rng = np.random.default_rng(0)
-  kernel = jnp.asarray(
-    rng.normal(size=(size * size, 4 * config.model.lstm_size)), jnp.float32
-  )
-  bias = jnp.zeros((4 * config.model.lstm_size,), jnp.float32)
-  images = jnp.asarray(rng.random((batch, size * size), np.float32))
-  project = jax.jit(lambda x, w, b: x @ w + b)
-  jax.block_until_ready(project(images, kernel, bias))
-  times = _blocks(
-    lambda: jax.block_until_ready(project(images, kernel, bias)),
-    blocks,
-    per_block,
-  )
-  return 1000 * float(np.median(times)) / batch
-
-
-_LEGACY_RUNTIME = '--xla_cpu_use_thunk_runtime=false'
-
-
-def legacy_runtime_numbers(quick: bool) -> dict[str, float]:
-  """Train images/s and batch-64 inference ms/image under XLA:CPU's older
-  (non-thunk) runtime, measured in a child process (the flag is global)."""
-  code = (
-    'import json; from benchmarks import run; from configs import default; '
-    f'blocks, per = {(3, 5) if quick else (5, 10)}; '
-    'import numpy as np; c = default.get_config(); '
-    'med = np.median(run.bench_train(c, blocks, per)[0]); '
-    'inf = np.median(run.bench_infer(c, 64, blocks, 10)); '
-    'print("RESULT", json.dumps({"train_images_per_s": 64 / med, '
-    '"infer_ms_per_image_b64": inf}))'
-  )
-  env = dict(os.environ, XLA_FLAGS=_LEGACY_RUNTIME)
-  proc = subprocess.run(
-    [sys.executable, '-c', code],
-    env=env,
-    capture_output=True,
-    text=True,
-    check=False,
-  )
-  lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
-  if proc.returncode or not lines:
-    print(f'legacy runtime not measured: {proc.stderr[-300:]}', flush=True)
-    return {}
-  return {
-    f'{k}_legacy_cpu_runtime': v for k, v in json.loads(lines[0][7:]).items()
-  }
-
-
-def flops(config):
-  """XLA's FLOP count of one train step and one inference pass (batch B)."""
-  model = train.create_model(config)
-  settings = train.loss_settings(config)
-  state, tx = train.create_train_state(config, model)
-  images = jnp.zeros((config.batch_size, 50, 50), jnp.float32)
-  step = jax.jit(
-    functools.partial(
-      train.train_step,
-      model=model,
-      tx=tx,
-      settings=settings,
-      seed=0,
-      axis_name=None,
-    )
-  )
-  train_cost = step.lower(state, images).compile().cost_analysis()
-  apply = evaluation.inference_pass(model)
-  infer_cost = apply.lower(state.params, images).compile().cost_analysis()
-
-  def get(cost):
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get('flops', float('nan')))
-
-  return get(train_cost) / config.batch_size, get(
-    infer_cost
-  ) / config.batch_size
-
-
-def matmul_flops_per_s(n=2048, blocks=5):
-  a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
-  f = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(f(a))
-  times = _blocks(lambda: jax.block_until_ready(f(a)), blocks, 3)
-  return 2 * n**3 / float(np.min(times))
-
-
-def bench_pipeline(blocks=5, per_block=200):
-  rng = np.random.default_rng(0)
-  split = input_pipeline.Split(
-    images=rng.integers(0, 255, (60000, 50, 50), dtype=np.uint8),
-    num_objects=rng.integers(0, 3, 60000).astype(np.int32),
-    boxes=np.full((60000, 3, 4), -1, np.int32),
-    labels=np.full((60000, 3), -1, np.int32),
-  )
-  it = input_pipeline.TrainIterator(split, 0, 64, 0)
-  next(it)
-  times = _blocks(lambda: next(it), blocks, per_block)
-  return 64 / float(np.median(times))
-
-
-_RSS_CHILD = """
-import runpy, sys
-sys.argv = ['experiments.train'] + sys.argv[1:]
-try:
-  runpy.run_module('experiments.train', run_name='__main__')
-except SystemExit as e:
-  if e.code not in (0, None):
-    raise
-status = dict(l.split(':', 1) for l in open('/proc/self/status'))
-print('VMHWM_KB', status['VmHWM'].split()[0])
-"""
-
-
-def peak_rss_of_training(steps=300):
-  """Peak RSS (MiB) of experiments.train on the full dataset, in a child.
-
-  The child reports its own VmHWM: the rusage of a child forked from this
-  (by then large) process would include this process's pages, since Linux
-  carries the peak across exec.
-  """
-  workdir = f'/tmp/air_bench_rss_{os.getpid()}'
-  cmd = [
-    sys.executable,
-    '-c',
-    _RSS_CHILD,
-    '--config=configs/default.py',
-    f'--workdir={workdir}',
-    f'--config.num_train_steps={steps}',
-    '--config.eval_every_steps=100000',
-    '--config.image_every_steps=100000',
-    '--config.checkpoint_every_steps=100000',
-  ]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  subprocess.run(['rm', '-rf', workdir], check=False)
-  lines = [x for x in proc.stdout.splitlines() if x.startswith('VMHWM_KB ')]
-  if proc.returncode or not lines:
-    raise RuntimeError(f'RSS training run failed: {proc.stderr[-2000:]}')
-  return int(lines[-1].split()[1]) / 1024
-
-
-def main(argv):
-  del argv
-  quick = _QUICK.value
-  blocks, per_block = (3, 5) if quick else (5, 10)
+def measure_all(plan: _Plan, rss: bool) -> dict:
+  """Runs every measurement; returns the results (see the module doc)."""
   base = default.get_config()
-  results = {
+  b = base.batch_size
+  r = {
     'date': time.strftime('%Y-%m-%d %H:%M'),
     'machine': f'{platform.processor() or platform.machine()}, '
     f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}',
     'jax': jax.__version__,
+    'load_average_at_start': os.getloadavg()[0],
+    'steps_per_dispatch': base.steps_per_dispatch,
   }
+  measure.prepare_dataset(base)  # Before any timing.
   # The headline configuration (batch 64, default max_steps) is timed in
   # several phases minutes apart (batch sweep, max_steps sweep; inference
   # at the start and the end) and the blocks pooled: on a shared machine a
   # slow minute then moves the median less.
   headline_train, headline_infer = [], []
-  batches = (16, 64, 256) if quick else (16, 32, 64, 128, 256, 512)
-  for b in batches:
-    config = default.get_config()
-    config.batch_size = b
-    times, compile_s, traces = bench_train(config, blocks, per_block)
-    med, low = _median_and_min(times)
-    results[f'train_images_per_s_b{b}'] = b / med
-    results[f'train_images_per_s_b{b}_best'] = b / low
-    if b == base.batch_size:
-      headline_train += times
-      results['compile_s'] = compile_s
-      results['train_step_traces'] = traces
-    print(f'batch {b}: {b / med:.0f} images/s (best {b / low:.0f})', flush=True)
-  headline_infer += bench_infer(base, 64, blocks, 10)
-  for n in (1, 2, 3, 4, 6, 8) if not quick else (1, 3, 8):
-    config = default.get_config()
-    config.model.max_steps = n
-    times = bench_train(config, blocks, per_block)[0]
+  by_batch, best_by_batch = {}, {}
+  for batch in plan.batches:
+    timing = measure.train_step_times(
+      _config(batch_size=batch), plan.blocks, plan.per_block
+    )
+    med, low = measure.median_and_min(timing.seconds_per_step)
+    by_batch[str(batch)], best_by_batch[str(batch)] = batch / med, batch / low
+    r[f'train_images_per_s_b{batch}'] = batch / med
+    r[f'train_images_per_s_b{batch}_best'] = batch / low
+    if batch == b:
+      headline_train += timing.seconds_per_step
+      r['compile_s'] = timing.compile_s
+      r['train_step_traces'] = timing.traces
+      r['train_mflop_per_image'] = timing.mflop_per_image
+    print(f'batch {batch}: {batch / med:.0f} images/s', flush=True)
+  r['train_images_per_s_by_batch'] = by_batch
+  r['train_images_per_s_best_by_batch'] = best_by_batch
+
+  # The loop against its compiled step function, timed before and after
+  # the loop's subprocess and pooled.
+  data = measure.training_images(base)
+  step_timer = measure.train_steps_timer(base, data)
+  step_times = step_timer(plan.blocks, plan.per_block)
+  loop = measure.loop_images_per_s(base, plan.loop_steps)
+  step_times += step_timer(plan.blocks, plan.per_block)
+  del step_timer
+  r['loop_images_per_s'] = loop.images_per_s
+  r['loop_timed_steps'] = loop.timed_steps
+  r['step_images_per_s'] = b / float(np.median(step_times))
+  r['loop_fraction_of_step'] = r['loop_images_per_s'] / r['step_images_per_s']
+  print(
+    f'loop {loop.images_per_s:.0f} images/s, step '
+    f'{r["step_images_per_s"]:.0f} images/s',
+    flush=True,
+  )
+
+  train_ms, infer_ms = {}, {}
+  for n in plan.max_steps:
+    config = _config(model_max_steps=n)
+    times = measure.train_step_times(config, plan.blocks, plan.per_block)
+    infer = measure.infer_times(config, 64, plan.blocks, 10)
     if n == base.model.max_steps:
-      headline_train += times
-    ms = 1000 * _median_and_min(times)[0]
-    results[f'train_ms_per_step_max_steps{n}'] = ms
-    print(f'max_steps {n}: {ms:.1f} ms/step', flush=True)
-  med, low = _median_and_min(headline_train)
-  results['train_images_per_s'] = base.batch_size / med
-  results['train_images_per_s_best'] = base.batch_size / low
-  results['train_ms_per_step'] = 1000 * med
-  results['train_timed_blocks'] = len(headline_train)
-  results['infer_ms_per_image_b1'], results['infer_ms_per_image_b1_best'] = (
-    _median_and_min(bench_infer(base, 1, blocks, 20))
+      headline_train += times.seconds_per_step
+      headline_infer += infer.ms_per_image
+      r['infer_mflop_per_image'] = infer.mflop_per_image
+    train_ms[str(n)] = 1000 * float(np.median(times.seconds_per_step))
+    infer_ms[str(n)] = float(np.median(infer.ms_per_image))
+    r[f'train_ms_per_step_max_steps{n}'] = train_ms[str(n)]
+    print(
+      f'max_steps {n}: train {train_ms[str(n)]:.1f} ms/step, infer '
+      f'{infer_ms[str(n)]:.4f} ms/image',
+      flush=True,
+    )
+  r['train_ms_per_step_by_max_steps'] = train_ms
+  r['infer_ms_per_image_by_max_steps'] = infer_ms
+
+  # A sweep as train_sweep runs it here (one vmapped program on an
+  # accelerator, the members in turn on a CPU), and the other way.
+  default_vmapped = jax.default_backend() != 'cpu'
+  for key, vmapped in (
+    ('sweep_images_per_s', default_vmapped),
+    ('sweep_other_mode_images_per_s', not default_vmapped),
+  ):
+    sweep = {}
+    for seeds in plan.sweep_seeds:
+      times = measure.sweep_seconds_per_dispatch(
+        base, data, seeds, plan.blocks, plan.sweep_per_block, vmapped=vmapped
+      )
+      images = seeds * base.steps_per_dispatch * b
+      sweep[str(seeds)] = images / float(np.median(times))
+      print(f'{key} {seeds}: {sweep[str(seeds)]:.0f}', flush=True)
+    r[key] = sweep
+  r['sweep_vmapped'] = default_vmapped
+  # S runs one after another take S times as long as one run alone.
+  r['sequential_images_per_s'] = r['step_images_per_s']
+  del data
+
+  r['infer_ms_per_image_b1'], r['infer_ms_per_image_b1_best'] = (
+    measure.median_and_min(
+      measure.infer_times(base, 1, plan.blocks, 20).ms_per_image
+    )
   )
-  results['infer_b64_projection_ms_per_image'] = bench_projection(
-    base, 64, blocks, 10
+  r['infer_b64_projection_ms_per_image'] = measure.projection_ms_per_image(
+    base, 64, plan.blocks, 10
   )
-  config = default.get_config()
-  config.model.unroll = 1
-  med = float(np.median(bench_train(config, blocks, per_block)[0]))
-  results['train_images_per_s_rolled_scan'] = config.batch_size / med
-  results['infer_ms_per_image_b64_rolled_scan'] = float(
-    np.median(bench_infer(config, 64, blocks, 10))
+  rolled = _config(model_unroll=1)
+  r['train_images_per_s_rolled_scan'] = b / float(
+    np.median(
+      measure.train_step_times(
+        rolled, plan.blocks, plan.per_block
+      ).seconds_per_step
+    )
   )
-  if jax.default_backend() == 'cpu':
-    results.update(legacy_runtime_numbers(quick))
-  results['pipeline_images_per_s'] = bench_pipeline()
-  headline_infer += bench_infer(base, 64, blocks, 10)
-  results['infer_ms_per_image_b64'], results['infer_ms_per_image_b64_best'] = (
-    _median_and_min(headline_infer)
+  r['infer_ms_per_image_b64_rolled_scan'] = float(
+    np.median(measure.infer_times(rolled, 64, plan.blocks, 10).ms_per_image)
   )
-  train_flops, infer_flops = flops(base)
-  results['train_mflop_per_image'] = train_flops / 1e6
-  results['infer_mflop_per_image'] = infer_flops / 1e6
+  r['pipeline_images_per_s'] = measure.pipeline_images_per_s()
+
+  startup = measure.startup_seconds(base, 2)
+  r['startup_s_first'], r['startup_s_second'] = startup
+  print(f'start-up {startup[0]:.1f} s, then {startup[1]:.1f} s', flush=True)
+
+  headline_infer += measure.infer_times(base, 64, plan.blocks, 10).ms_per_image
+  med, low = measure.median_and_min(headline_train)
+  r['train_images_per_s'] = b / med
+  r['train_images_per_s_best'] = b / low
+  r['train_ms_per_step'] = 1000 * med
+  r['train_timed_blocks'] = len(headline_train)
+  r['infer_ms_per_image_b64'], r['infer_ms_per_image_b64_best'] = (
+    measure.median_and_min(headline_infer)
+  )
   # A matmul large enough to keep the device busy (GPU: launch costs).
   size = 2048 if jax.default_backend() == 'cpu' else 8192
-  results['matmul_gflop_per_s'] = matmul_flops_per_s(size) / 1e9
-  peak = results['matmul_gflop_per_s'] * 1e9
-  results['train_fraction_of_matmul_peak'] = (
-    results['train_images_per_s'] * train_flops / peak
+  r['matmul_gflop_per_s'] = measure.matmul_flop_per_s(size) / 1e9
+  peak = r['matmul_gflop_per_s'] * 1e9
+  r['train_fraction_of_matmul_peak'] = (
+    r['train_images_per_s'] * r['train_mflop_per_image'] * 1e6 / peak
   )
-  results['infer_b64_fraction_of_matmul_peak'] = (
-    infer_flops / (results['infer_ms_per_image_b64'] / 1000) / peak
-  )
-  if _RSS.value:
-    results['peak_rss_mib'] = peak_rss_of_training()
-  results['pyro_reference'] = PYRO
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  with open(_OUTPUT.value, 'w') as f:
+  r['infer_b64_fraction_of_matmul_peak'] = (
+    r['infer_mflop_per_image'] * 1e6 / (r['infer_ms_per_image_b64'] / 1000)
+  ) / peak
+  if rss:
+    r['peak_rss_mib'] = measure.peak_rss_mib_of_training()
+  r['load_average_at_end'] = os.getloadavg()[0]
+  r['pyro_reference'] = PYRO
+  return r
+
+
+def main(argv):
+  del argv
+  results = measure_all(_Plan(_QUICK.value), _RSS.value)
+  output = os.path.abspath(_OUTPUT.value)
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  with open(output, 'w') as f:
     json.dump(results, f, indent=1, sort_keys=True)
+  plot = os.path.join(os.path.dirname(output), 'max_steps.png')
+  visualization.save_png(plot, max_steps_png(results))
   print(format_table(results))
+  print(f'results: {output}; plot against max_steps: {plot}')
+
+
+def _by_size(family: dict) -> list[tuple[int, float]]:
+  """[(size, value)] of a family {'<size>': value}, by increasing size."""
+  return sorted((int(k), v) for k, v in family.items())
+
+
+def max_steps_png(r) -> np.ndarray:
+  """[H, W, 3] uint8: train ms/step and inference ms/image (batch 64)
+  against max_steps, side by side."""
+  panels = []
+  for key, title, colour in (
+    ('train_ms_per_step_by_max_steps', 'train ms/step (batch 64)', 0),
+    ('infer_ms_per_image_by_max_steps', 'inference ms/image (batch 64)', 2),
+  ):
+    points = np.array(_by_size(r[key]), float)
+    series = (points[:, 0], points[:, 1], visualization.STEP_COLOURS[colour])
+    panels.append(
+      visualization._panel([(*series, r['date'])], title, 'max_steps')
+    )
+  return np.concatenate(panels, axis=1)
+
+
+def _pyro_rows(r) -> list[str]:
+  rows = [
+    ('train images/s (batch 64)', 'train_images_per_s'),
+    ('infer ms/image (batch 64)', 'infer_ms_per_image_b64'),
+    ('infer ms/image (batch 1)', 'infer_ms_per_image_b1'),
+    ('peak RSS MiB (training)', 'peak_rss_mib'),
+  ]
+  out = [f'{"metric":<28} {"air_jax":>10} {"Pyro":>8} {"ratio":>7}']
+  for name, key in rows:
+    pyro = PYRO[key]
+    if key not in r:  # Not measured (--rss=false).
+      out.append(f'{name:<28} {"-":>10} {pyro:>8.4g}')
+      continue
+    ours = r[key]
+    ratio = ours / pyro if 'images/s' in name else pyro / ours
+    out.append(f'{name:<28} {ours:>10.4g} {pyro:>8.4g} {ratio:>6.1f}x')
+  return out
+
+
+def _series(label: str, family: dict, fmt: str, width: int = 8) -> str:
+  """One table line: a label, then a family's values by increasing size."""
+  values = ''.join(f'{v:>{width}{fmt}}' for _, v in _by_size(family))
+  return f'  {label:<26}{values}'
+
+
+def _header(label: str, family: dict, width: int = 8) -> str:
+  sizes = ''.join(f'{n:>{width}}' for n, _ in _by_size(family))
+  return f'  {label:<26}{sizes}'
 
 
 def format_table(r) -> str:
-  rows = [
-    (
-      'train images/s (batch 64)',
-      r['train_images_per_s'],
-      PYRO['train_images_per_s'],
-    ),
-    (
-      'infer ms/image (batch 64)',
-      r['infer_ms_per_image_b64'],
-      PYRO['infer_ms_per_image_b64'],
-    ),
-    (
-      'infer ms/image (batch 1)',
-      r['infer_ms_per_image_b1'],
-      PYRO['infer_ms_per_image_b1'],
-    ),
-    (
-      'peak RSS MiB (training)',
-      r.get('peak_rss_mib', float('nan')),
-      PYRO['peak_rss_mib'],
-    ),
-  ]
-  out = [f'{"metric":<28} {"air_jax":>10} {"Pyro":>8} {"ratio":>7}']
-  for name, ours, pyro in rows:
-    if ours != ours:  # NaN: not measured (--rss=false).
-      out.append(f'{name:<28} {"-":>10} {pyro:>8.4g}')
-      continue
-    ratio = ours / pyro if 'images/s' in name else pyro / ours
-    out.append(f'{name:<28} {ours:>10.4g} {pyro:>8.4g} {ratio:>6.1f}x')
+  """The results as text: the Pyro comparison, then a block per family
+  (blocks whose numbers a results file lacks are left out)."""
+  out = _pyro_rows(r)
+  k = r.get('steps_per_dispatch', 'K')
+  if 'loop_images_per_s' in r:
+    out += [
+      'training images/s, batch 64:',
+      f'  {"real loop (experiments.train)":<34}'
+      f'{r["loop_images_per_s"]:>8.0f}  ({r["loop_timed_steps"]} steps, '
+      'no evaluation)',
+      f'  {f"compiled {k}-step function":<34}{r["step_images_per_s"]:>8.0f}',
+      f'  {"loop / step":<34}{100 * r["loop_fraction_of_step"]:>7.0f}%',
+      f'  {"one train_step per dispatch":<34}{r["train_images_per_s"]:>8.0f}',
+    ]
+  if 'startup_s_first' in r:
+    out += [
+      f'start-up s, process start to step {k} logged (dataset prebuilt, '
+      'not counted):',
+      f'  {"first run (empty cache)":<34}{r["startup_s_first"]:>8.1f}',
+      f'  {"second run (cache filled)":<34}{r["startup_s_second"]:>8.1f}',
+    ]
+  if 'sweep_images_per_s' in r:
+    one = r['sequential_images_per_s']
+    modes = {True: 'one vmapped program', False: 'members in turn'}
+    for key, vmapped in (
+      ('sweep_images_per_s', r['sweep_vmapped']),
+      ('sweep_other_mode_images_per_s', not r['sweep_vmapped']),
+    ):
+      sweep = r[key]
+      out += [
+        f'sweep of S seeds ({modes[vmapped]}), total images/s:',
+        _header('S', sweep),
+        _series('images/s', sweep, '.0f'),
+        _series(
+          '/ one run alone', {s: v / one for s, v in sweep.items()}, '.2f'
+        ),
+      ]
+    out.append(f'  (one run alone: {one:.0f}, the {k}-step function above)')
+  if 'train_ms_per_step_by_max_steps' in r:
+    train_ms = r['train_ms_per_step_by_max_steps']
+    out += [
+      'cost against max_steps (batch 64):',
+      _header('max_steps', train_ms),
+      _series('train ms/step', train_ms, '.1f'),
+      _series('infer ms/image', r['infer_ms_per_image_by_max_steps'], '.4f'),
+    ]
+  if 'train_images_per_s_by_batch' in r:
+    family = r['train_images_per_s_by_batch']
+    out += [
+      'one train_step per dispatch, images/s by batch:',
+      _header('batch', family),
+      _series('images/s', family, '.0f'),
+    ]
   out.append(
     f'compile s: {r["compile_s"]:.1f}, traces: {r["train_step_traces"]}'
   )
@@ -391,22 +351,6 @@ def format_table(r) -> str:
     f'GFLOP/s; train at {100 * r["train_fraction_of_matmul_peak"]:.0f}% and '
     f'infer b64 at {100 * r["infer_b64_fraction_of_matmul_peak"]:.0f}% of it'
   )
-
-  def series(prefix):
-    """(size, value) of each key prefix<int>, by increasing size."""
-    found = {
-      int(k[len(prefix) :]): v
-      for k, v in r.items()
-      if k.startswith(prefix) and k[len(prefix) :].isdigit()
-    }
-    return sorted(found.items())
-
-  curve = ', '.join(f'{b}: {v:.0f}' for b, v in series('train_images_per_s_b'))
-  out.append(f'train images/s by batch: {curve}')
-  steps = ', '.join(
-    f'{n}: {v:.1f}' for n, v in series('train_ms_per_step_max_steps')
-  )
-  out.append(f'train ms/step by max_steps: {steps}')
   out.append(
     f'infer b64: image projection alone '
     f'{r["infer_b64_projection_ms_per_image"]:.4f} ms/image of '
@@ -418,13 +362,12 @@ def format_table(r) -> str:
       f'{r["train_images_per_s_rolled_scan"]:.0f} images/s, infer b64 '
       f'{r["infer_ms_per_image_b64_rolled_scan"]:.4f} ms/image'
     )
-  if 'train_images_per_s_legacy_cpu_runtime' in r:
+  out.append(f'host data pipeline: {r["pipeline_images_per_s"]:.0f} images/s')
+  if 'load_average_at_start' in r:
     out.append(
-      f'with {_LEGACY_RUNTIME}: train '
-      f'{r["train_images_per_s_legacy_cpu_runtime"]:.0f} images/s, infer b64 '
-      f'{r["infer_ms_per_image_b64_legacy_cpu_runtime"]:.4f} ms/image'
+      f'machine: {r["machine"]}; load average {r["load_average_at_start"]:.1f}'
+      f' at start, {r["load_average_at_end"]:.1f} at end'
     )
-  out.append(f'data pipeline: {r["pipeline_images_per_s"]:.0f} images/s')
   return '\n'.join(out)
 
 

@@ -26,6 +26,12 @@ SMALL = dict(
 )
 
 
+# The z_where prior of SMALL, as the objective sees it.
+WHERE_PRIOR = distributions.NormalParams(
+  loc=jnp.array([2.0, 0.0, 0.0]), scale=jnp.array([0.2, 1.0, 1.0])
+)
+
+
 def _init(model, images, seed=0):
   return model.init(
     {'params': jax.random.key(seed), 'sample': jax.random.key(seed + 1)}, images
@@ -33,9 +39,8 @@ def _init(model, images, seed=0):
 
 
 @pytest.mark.parametrize('difference', [False, True])
-@pytest.mark.parametrize('estimator', ['reinforce', 'concrete'])
-def test_output_shapes_and_finiteness(difference, estimator):
-  model = air.AIR(**SMALL, difference=difference, z_pres_estimator=estimator)
+def test_output_shapes_and_finiteness(difference):
+  model = air.AIR(**SMALL, difference=difference)
   images = jax.random.uniform(jax.random.key(0), (5, 20, 20))
   params = _init(model, images)
   out = model.apply(
@@ -184,14 +189,13 @@ def test_baseline_gets_no_gradient_from_the_elbo():
     out = model.apply(
       {'params': params}, images, rngs={'sample': jax.random.key(0)}
     )
-    prior = distributions.z_where_prior(2.0, 0.2, 1.0)
-    return jnp.mean(objectives.elbo_terms(out, images, 0.01, prior).elbo)
+    return jnp.mean(objectives.elbo_terms(out, images, 0.01, WHERE_PRIOR).elbo)
 
   grads = jax.grad(elbo)(params)
-  for name, sub in grads.items():
-    norm = float(optax.tree.norm(sub))
-    if name.startswith('baseline'):
-      assert norm == 0.0, name
+  # Every baseline parameter lives under 'baseline'; none gets a gradient.
+  assert not [k for k in grads if k != 'baseline' and 'baseline' in k]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads['baseline']):
+    assert float(jnp.max(jnp.abs(leaf))) == 0.0, jax.tree_util.keystr(path)
   assert float(optax.tree.norm(grads['cell'])) > 0
 
 
@@ -222,11 +226,18 @@ def test_training_on_synthetic_images_improves_the_elbo():
   params = _init(model, images)
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
-  prior = distributions.z_where_prior(2.0, 0.2, 1.0)
+  config = objectives.LossConfig(
+    z_pres_prior=distributions.Schedule.constant(0.01),
+    z_where_prior_loc=(2.0, 0.0, 0.0),
+    z_where_prior_scale=(0.2, 1.0, 1.0),
+    likelihood='normal',
+    likelihood_std=distributions.Schedule.constant(0.3),
+    baseline='plain',
+  )
 
   def loss_fn(params, key):
     out = model.apply({'params': params}, images, rngs={'sample': key})
-    loss, aux = objectives.air_loss(out, images, 0.01, prior)
+    loss, aux = objectives.air_loss(out, images, config, 0)
     return loss, jnp.mean(aux.terms.elbo)
 
   @jax.jit
@@ -263,3 +274,90 @@ def test_logit_bound_keeps_q_away_from_zero_and_one():
   bound = 1.0 / (1.0 + np.exp(-2.0))
   assert np.all(q <= bound + 1e-6) and np.all(q >= 1 - bound - 1e-6)
   assert q.max() > 0.85
+
+
+def test_defaults_are_the_recipe():
+  model = air.AIR()
+  assert model.z_where_prior_loc == (2.5, 0.0, 0.0)
+  assert model.z_pres_logit_bound == 3.0
+  assert model.z_where_scale_range is None
+  assert model.use_baseline
+
+
+@pytest.mark.parametrize('difference', [False, True])
+def test_baseline_network_lives_under_one_key(difference):
+  images = jnp.zeros((2, 20, 20))
+  params = _init(air.AIR(**SMALL, difference=difference), images)
+  assert set(params['baseline']) == {'projection', 'lstm', 'init_state', 'mlp'}
+  assert params['baseline']['init_state'].shape == (2, 16)
+  # It reads the inference network's image projection ([B, 4F], F = 32).
+  assert params['baseline']['projection']['kernel'].shape == (4 * 32, 4 * 16)
+  assert not [k for k in params if k != 'baseline' and 'baseline' in k]
+
+  model = air.AIR(**SMALL, difference=difference, use_baseline=False)
+  params = _init(model, images)
+  assert not [k for k in params if 'baseline' in k]
+  out = model.apply(
+    {'params': params}, images, rngs={'sample': jax.random.key(0)}
+  )
+  np.testing.assert_array_equal(out.baseline, np.zeros((2, 3)))
+
+
+def test_init_params_matches_init_structure():
+  model = air.AIR(**SMALL)
+  params = air.init_params(model, 0)
+  reference = _init(model, jnp.zeros((3, 20, 20)))
+  assert jax.tree.structure(params) == jax.tree.structure(reference)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+    assert a.shape == b.shape
+  # Deterministic in the seed, and the seed matters.
+  again, other = air.init_params(model, 0), air.init_params(model, 1)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  kernel = params['image_projection']['kernel']
+  assert not np.array_equal(kernel, other['image_projection']['kernel'])
+
+
+def _with_z_where_head(params, bias):
+  """params whose z_where head outputs `bias` ([6]) whatever its input."""
+  head = params['cell']['z_where_head']
+  head = {
+    'kernel': jnp.zeros_like(head['kernel']),
+    'bias': jnp.asarray(bias, jnp.float32),
+  }
+  return {**params, 'cell': {**params['cell'], 'z_where_head': head}}
+
+
+@pytest.mark.parametrize('difference', [False, True])
+def test_z_where_scale_range_bounds_the_scale_mean(difference):
+  lo, hi = 1.2, 4.0
+  model = air.AIR(**SMALL, difference=difference, z_where_scale_range=(lo, hi))
+  free = air.AIR(**SMALL, difference=difference)
+  images = jax.random.uniform(jax.random.key(14), (4, 20, 20))
+  params = _init(model, images)
+
+  def scale_loc(model, head_output):
+    out = model.apply(
+      {'params': _with_z_where_head(params, [head_output] + [0.0] * 5)},
+      images,
+      deterministic=True,
+    )
+    return np.asarray(out.z_where_loc[..., 0])
+
+  # A zero head output gives the prior mean.
+  np.testing.assert_allclose(scale_loc(model, 0.0), 2.0, rtol=1e-6)
+  # Huge and tiny outputs stay within the range (float32 saturates the
+  # sigmoid at +-100, so the bounds themselves are reached) ...
+  assert np.all(
+    (scale_loc(model, 100.0) <= hi) & (scale_loc(model, 100.0) > 3.9)
+  )
+  assert np.all(
+    (scale_loc(model, -100.0) >= lo) & (scale_loc(model, -100.0) < 1.3)
+  )
+  # ... moderate ones strictly inside, monotone in the output ...
+  inside = [scale_loc(model, v) for v in (-3.0, -1.0, 1.0, 3.0)]
+  for a, b in zip(inside, inside[1:]):
+    assert np.all((lo < a) & (a < b) & (b < hi))
+  # ... where without the range the mean is the prior plus the output.
+  np.testing.assert_allclose(scale_loc(free, 100.0), 102.0, rtol=1e-6)
+  np.testing.assert_allclose(scale_loc(free, 0.0), 2.0, rtol=1e-6)

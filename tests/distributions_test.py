@@ -34,12 +34,10 @@ def test_annealing_schedules():
   kw = dict(init=0.99, final=1e-5, anneal_steps=1000)
 
   def exp(step):
-    return float(
-      distributions.z_pres_prior_prob(step, schedule='exponential', **kw)
-    )
+    return float(distributions.anneal(step, kind='exponential', **kw))
 
   def lin(step):
-    return float(distributions.z_pres_prior_prob(step, schedule='linear', **kw))
+    return float(distributions.anneal(step, kind='linear', **kw))
 
   assert exp(0) == pytest.approx(0.99, rel=1e-6)
   assert exp(500) == pytest.approx(
@@ -49,10 +47,45 @@ def test_annealing_schedules():
   assert exp(5000) == pytest.approx(1e-5, rel=1e-4)
   assert lin(250) == pytest.approx(0.75 * 0.99 + 0.25 * 1e-5, rel=1e-6)
   assert lin(2000) == pytest.approx(1e-5, rel=1e-4)
-  const = distributions.z_pres_prior_prob(123, schedule='constant', **kw)
+  const = distributions.anneal(123, kind='constant', **kw)
   assert float(const) == pytest.approx(1e-5, rel=1e-6)
   with pytest.raises(ValueError):
-    distributions.z_pres_prior_prob(0, schedule='cosine', **kw)
+    distributions.anneal(0, kind='cosine', **kw)
+
+
+@pytest.mark.parametrize('kind', ['exponential', 'linear', 'constant'])
+def test_schedule_object_equals_anneal(kind):
+  kw = dict(init=0.99, final=1e-5, anneal_steps=1000)
+  schedule = distributions.Schedule(kind=kind, **kw)
+  for step in (0, 1, 250, 500, 999, 1000, 5000):
+    np.testing.assert_array_equal(
+      schedule(step), distributions.anneal(step, kind=kind, **kw)
+    )
+  # Frozen and hashable: it is part of a static jit argument.
+  assert hash(schedule) == hash(distributions.Schedule(kind=kind, **kw))
+
+
+def test_constant_schedule_never_changes():
+  schedule = distributions.Schedule.constant(0.3)
+  assert schedule == distributions.Schedule(init=0.3, final=0.3)
+  for step in (0, 10, 10**6):
+    assert float(schedule(step)) == pytest.approx(0.3, rel=1e-7)
+
+
+@pytest.mark.parametrize(
+  'kwargs',
+  [
+    dict(init=0.5, final=0.1, anneal_steps=10, kind='cosine'),
+    dict(init=float('nan'), final=0.1, anneal_steps=10, kind='linear'),
+    dict(init=0.5, final=float('inf'), anneal_steps=10, kind='linear'),
+    dict(init=0.5, final=0.1, anneal_steps=-1, kind='linear'),
+    dict(init=0.0, final=0.1, anneal_steps=10, kind='exponential'),
+    dict(init=0.5, final=-0.1, anneal_steps=10, kind='exponential'),
+  ],
+)
+def test_schedule_rejects_invalid_settings(kwargs):
+  with pytest.raises(ValueError):
+    distributions.Schedule(**kwargs)
 
 
 def test_bernoulli_kl_closed_form_and_edges():
@@ -74,6 +107,41 @@ def test_bernoulli_kl_closed_form_and_edges():
     jnp.asarray([0.2, 0.7])
   )
   assert np.all(np.isfinite(grad))
+
+
+def _np_bernoulli_kl(q, p):
+  q, p = np.float64(q), np.float64(p)
+  return q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p))
+
+
+@pytest.mark.parametrize('p', [0.3, 0.5, 0.7])
+def test_bernoulli_kl_at_q_zero_and_one(p):
+  p32 = jnp.float32(p)
+  at_zero = float(distributions.bernoulli_kl(jnp.float32(0.0), p32))
+  at_one = float(distributions.bernoulli_kl(jnp.float32(1.0), p32))
+  assert at_zero == pytest.approx(-np.log1p(-p), rel=1e-6)
+  assert at_one == pytest.approx(-np.log(p), rel=1e-6)
+  # Inside (0, 1) the clipping is inactive: the closed form.
+  for q in (1e-3, 0.2, 0.5, 0.8, 1 - 1e-3):
+    got = float(distributions.bernoulli_kl(jnp.float32(q), p32))
+    assert got == pytest.approx(_np_bernoulli_kl(q, p), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize('p', [1e-5, 0.01, 0.3, 0.9])
+def test_bernoulli_kl_has_finite_gradients_at_q_zero_and_one(p):
+  grad = jax.grad(distributions.bernoulli_kl)
+  for q in (0.0, 1.0):
+    g = grad(jnp.float32(q), jnp.float32(p))
+    assert np.isfinite(float(g)), (q, p, g)
+  # The gradient points towards q = p from either edge.
+  assert float(grad(jnp.float32(0.0), jnp.float32(p))) < 0
+  assert float(grad(jnp.float32(1.0), jnp.float32(p))) > 0
+  # Even where the closed form is tiny (p -> 0 at q = 0), the edges' values
+  # equal it up to float32 rounding.
+  at_zero = distributions.bernoulli_kl(jnp.float32(0.0), jnp.float32(p))
+  at_one = distributions.bernoulli_kl(jnp.float32(1.0), jnp.float32(p))
+  assert float(at_zero) == pytest.approx(-np.log1p(-p), rel=2e-7, abs=2e-7)
+  assert float(at_one) == pytest.approx(-np.log(p), rel=2e-7, abs=2e-7)
 
 
 def test_normal_kl_closed_form():
@@ -104,16 +172,6 @@ def test_normal_kl_closed_form():
     axis=1,
   )
   np.testing.assert_allclose(got, reference, rtol=1e-4)
-
-
-def test_relaxed_bernoulli_mean_tends_to_probability():
-  prob = jnp.full((100_000,), 0.3)
-  x = distributions.sample_relaxed_bernoulli(jax.random.key(0), prob, 0.05)
-  assert float(jnp.mean(x > 0.5)) == pytest.approx(0.3, abs=0.01)
-  assert np.all((np.asarray(x) >= 0) & (np.asarray(x) <= 1))
-  # At any temperature P(x > 1/2) = prob (the logistic noise is symmetric).
-  x_warm = distributions.sample_relaxed_bernoulli(jax.random.key(1), prob, 2.0)
-  assert float(jnp.mean(x_warm > 0.5)) == pytest.approx(0.3, abs=0.01)
 
 
 def test_sample_normal_moments():

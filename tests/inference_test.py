@@ -10,20 +10,23 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from air_jax import air
+from air_jax import checkpointing
+from air_jax import configuration
 from air_jax import inference
-from air_jax import train
-from configs import test as test_config
-from tests import conftest
+from air_jax.cli import infer as infer_cli
+from air_jax.configs import test as test_config
+from tests import helpers
 
 
 @pytest.fixture(scope='module')
 def export_dir(tmp_path_factory):
   """A params export of a (randomly initialised) tiny model."""
   config = test_config.get_config()
-  model = train.create_model(config)
-  params = train.init_params(model, 0, 50)
+  model = configuration.create_model(config)
+  params = air.init_params(model, 0)
   directory = tmp_path_factory.mktemp('export')
-  train.save_params(params, str(directory), config)
+  checkpointing.save_params(params, str(directory), config)
   return directory
 
 
@@ -36,7 +39,7 @@ def images():
 def test_records_schema_and_boxes(export_dir, images):
   records = inference.infer(str(export_dir), images)
   assert [r['index'] for r in records] == list(range(5))
-  config, model, params = train.load_model(str(export_dir))
+  config, model, params = checkpointing.load_model(str(export_dir))
   out = model.apply(
     {'params': params},
     jnp.asarray(images / 255.0, jnp.float32),
@@ -52,11 +55,22 @@ def test_records_schema_and_boxes(export_dir, images):
     assert set(r) == {'index', 'count', 'objects'}
     assert r['count'] == len(r['objects']) == int(z_pres.sum())
     for obj in r['objects']:
-      assert set(obj) == {'step', 'z_pres_prob', 'box'}
+      assert set(obj) == {'step', 'z_pres_prob', 'box', 'window'}
       s, x, y = z_where[obj['step']]
       # The documented convention: half-width 1/s around (x, y) in [-1, 1].
       expected = [(y - 1 / s + 1) * 25, (x - 1 / s + 1) * 25, 50 / s, 50 / s]
-      np.testing.assert_allclose(obj['box'], expected, rtol=1e-4, atol=1e-3)
+      np.testing.assert_allclose(obj['window'], expected, rtol=1e-4, atol=1e-3)
+      # The tight box of the rendered pixels: inside the image and inside
+      # the window, up to the bilinear smear of one pixel.
+      top, left, height, width = obj['box']
+      assert height >= 0 and width >= 0
+      if height > 0:
+        assert -1e-3 <= top and top + height <= 50 + 1e-3
+        assert -1e-3 <= left and left + width <= 50 + 1e-3
+        w_top, w_left, w_height, w_width = obj['window']
+        assert w_top - 1 <= top and top + height <= w_top + w_height + 1
+        assert w_left - 1 <= left and left + width <= w_left + w_width + 1
+      assert height <= obj['window'][2] + 1 and width <= obj['window'][3] + 1
       assert obj['z_pres_prob'] == pytest.approx(
         float(probs[obj['step']]), rel=1e-6
       )
@@ -74,7 +88,7 @@ def _run_infer(checkpoint, images_path, output, *extra):
       f'--output={output}',
       *extra,
     ],
-    cwd=conftest.REPO,
+    cwd=helpers.REPO,
     capture_output=True,
     text=True,
     timeout=300,
@@ -137,14 +151,45 @@ def test_bad_checkpoints_are_refused(export_dir, tmp_path, images):
   # A checkpoint whose parameters belong to another config.
   other = tmp_path / 'other'
   other.mkdir()
-  (other / train.PARAMS_FILE).write_bytes(
-    (export_dir / train.PARAMS_FILE).read_bytes()
+  (other / checkpointing.PARAMS_FILE).write_bytes(
+    (export_dir / checkpointing.PARAMS_FILE).read_bytes()
   )
   config = test_config.get_config()
   config.model.lstm_size = 48
-  train.save_config(config, str(other))
+  checkpointing.save_config(config, str(other))
   with pytest.raises(inference.InputError, match='does not fit'):
     inference.load(str(other))
   proc = _run_infer(other, npz, tmp_path / 'o2.json')
   assert proc.returncode != 0 and 'does not fit' in proc.stderr
   assert not (tmp_path / 'o2.json').exists()
+
+
+def test_max_steps_can_be_raised_or_lowered_at_inference(tmp_path):
+  """The recurrence's parameters are shared over steps: the shipped DAIR,
+  trained with 3 steps, runs with 1 or 5 without retraining."""
+  data = np.load(helpers.TESTDATA / 'pretrained_images.npz')
+  path = tmp_path / 'images.npy'
+  np.save(path, data['test_3_images'])
+  counts = {}
+  for steps in (1, 3, 5):
+    records = infer_cli.infer(
+      str(helpers.REPO / 'pretrained' / 'dair'),
+      str(path),
+      str(tmp_path / f'out{steps}.json'),
+      max_steps=steps,
+    )
+    counts[steps] = np.array([r['count'] for r in records])
+    assert all(o['step'] < steps for r in records for o in r['objects'])
+  assert counts[1].max() == 1
+  # More steps never read fewer objects: z_pres stops at the first 0.
+  assert np.all(counts[5] >= counts[3]) and np.all(counts[3] >= counts[1])
+  # Trained on 0-2 digits, DAIR counts most 3-digit images right.
+  assert np.mean(counts[3] == data['test_3_counts']) >= 0.8
+  with pytest.raises(SystemExit):
+    infer_cli.infer(
+      str(helpers.REPO / 'pretrained' / 'dair'),
+      str(path),
+      str(tmp_path / 'bad.json'),
+      max_steps=0,
+    )
+  assert not (tmp_path / 'bad.json').exists()

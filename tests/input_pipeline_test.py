@@ -60,3 +60,29 @@ def test_eval_batches_cover_every_example_once():
     assert batch.images.shape[0] == 10
     seen.extend(_ids(batch)[:valid])
   assert seen == list(range(23))
+
+
+def test_overlap_stats_counts_canvases_with_overlapping_ink_boxes():
+  pad = [-1, -1, -1, -1]
+  boxes = np.array(
+    [
+      [[0, 0, 4, 4], [2, 2, 4, 4], pad],  # One overlapping pair.
+      [[0, 0, 4, 4], [4, 0, 4, 4], [0, 4, 4, 4]],  # Touching only.
+      [[0, 0, 4, 4], [1, 1, 1, 1], [2, 2, 5, 5]],  # Two of three pairs.
+      [pad, pad, pad],  # Empty canvas.
+      [[0, 0, 4, 4], pad, pad],  # One digit.
+    ],
+    np.int32,
+  )
+  split = input_pipeline.Split(
+    images=np.zeros((5, 8, 8), np.uint8),
+    num_objects=np.array([2, 3, 3, 0, 1], np.int32),
+    boxes=boxes,
+    labels=np.zeros((5, 3), np.int32),
+  )
+  assert input_pipeline.overlap_stats(split) == {
+    'num_canvases': 5,
+    'num_overlapping': 2,
+    'fraction_overlapping': 0.4,
+    'num_overlapping_pairs': 3,
+  }

@@ -249,13 +249,9 @@ def test_monte_carlo_elbo_matches_enumeration():
   out = sample_outputs(jax.random.key(3), m)
   images = jnp.broadcast_to(jnp.asarray(IMAGE), (m, H, H))
   exact = exact_elbo()
-  # Analytic and sampled z_pres KLs: the same expectation.
-  for z_pres_kl in ('analytic', 'sampled'):
-    terms = objectives.elbo_terms(
-      out, images, PRIOR_P, WHERE_P, 'normal', STD, z_pres_kl
-    )
-    elbo = np.asarray(terms.elbo, np.float64)
-    assert abs(elbo.mean() - exact) < 5 * elbo.std() / np.sqrt(m) + 1e-3
+  terms = objectives.elbo_terms(out, images, PRIOR_P, WHERE_P, 'normal', STD)
+  elbo = np.asarray(terms.elbo, np.float64)
+  assert abs(elbo.mean() - exact) < 5 * elbo.std() / np.sqrt(m) + 1e-3
   # Fully sampled log weights (used for IWAE) have the same mean.
   log_w = np.asarray(
     objectives.log_importance_weight(
@@ -306,17 +302,30 @@ def test_enumeration_helper_sanity():
   assert len(list(itertools.product([0, 1], repeat=N_STEPS))) == 2**N_STEPS
 
 
+def _loss_config(**kwargs):
+  """The objective of the enumerable toy model (constant schedules)."""
+  return objectives.LossConfig(
+    z_pres_prior=distributions.Schedule.constant(PRIOR_P),
+    z_where_prior_loc=tuple(float(v) for v in WHERE_P.loc),
+    z_where_prior_scale=tuple(float(v) for v in WHERE_P.scale),
+    likelihood='normal',
+    likelihood_std=distributions.Schedule.constant(STD),
+    **kwargs,
+  )
+
+
 def test_normalised_baseline_is_in_units_of_the_running_moments():
   m = 256
   out = sample_outputs(jax.random.key(5), m)
   images = jnp.broadcast_to(jnp.asarray(IMAGE), (m, H, H))
   unit_output = jax.random.normal(jax.random.key(6), (m, N_STEPS))
   out = out._replace(baseline=unit_output)
-  moments = objectives.NVILState(mean=jnp.asarray(-40.0), var=jnp.asarray(9.0))
-  common = dict(likelihood_std=STD)
-  _, plain = objectives.air_loss(out, images, PRIOR_P, WHERE_P, **common)
+  moments = objectives.SignalMoments(
+    mean=jnp.asarray(-40.0), var=jnp.asarray(9.0)
+  )
+  _, plain = objectives.air_loss(out, images, _loss_config(baseline='plain'), 0)
   _, scaled = objectives.air_loss(
-    out, images, PRIOR_P, WHERE_P, baseline_moments=moments, **common
+    out, images, _loss_config(baseline='normalised'), 0, moments
   )
   mask = np.asarray(out.mask)
   signal = np.asarray(plain.signal)
@@ -332,16 +341,123 @@ def test_normalised_baseline_is_in_units_of_the_running_moments():
     np.sum(mask * ((signal + 40.0) / 3.0 - np.asarray(unit_output)) ** 2, 1)
   )
   assert float(scaled.baseline_loss) == pytest.approx(expected, rel=1e-5)
-  with pytest.raises(ValueError, match='not both'):
-    objectives.air_loss(
-      out,
-      images,
-      PRIOR_P,
-      WHERE_P,
-      nvil=moments,
-      baseline_moments=moments,
-      **common,
+  with pytest.raises(ValueError, match='moments'):
+    objectives.air_loss(out, images, _loss_config(baseline='normalised'), 0)
+
+
+def test_plain_baseline_is_subtracted_in_nats():
+  m = 64
+  out = sample_outputs(jax.random.key(12), m)
+  images = jnp.broadcast_to(jnp.asarray(IMAGE), (m, H, H))
+  out = out._replace(
+    baseline=jax.random.normal(jax.random.key(13), (m, N_STEPS)) * 30.0
+  )
+  _, aux = objectives.air_loss(out, images, _loss_config(baseline='plain'), 0)
+  mask, signal = np.asarray(out.mask), np.asarray(aux.signal)
+  baseline = np.asarray(out.baseline)
+  np.testing.assert_allclose(
+    aux.advantage, mask * (signal - baseline), rtol=1e-6, atol=1e-4
+  )
+  expected = np.mean(np.sum(mask * (signal - baseline) ** 2, 1))
+  assert float(aux.baseline_loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_baseline_uses_the_raw_signal():
+  m = 64
+  out = sample_outputs(jax.random.key(7), m)
+  images = jnp.broadcast_to(jnp.asarray(IMAGE), (m, H, H))
+  config = _loss_config(baseline='none')
+  results = []
+  # Whatever the model's baseline output holds, it is ignored.
+  for baseline in (
+    jnp.zeros((m, N_STEPS)),
+    1e3 * jax.random.normal(jax.random.key(8), (m, N_STEPS)),
+    jnp.full((m, N_STEPS), jnp.nan),
+  ):
+    loss, aux = objectives.air_loss(
+      out._replace(baseline=baseline), images, config, 0
     )
+    mask = np.asarray(out.mask)
+    np.testing.assert_array_equal(aux.advantage, mask * np.asarray(aux.signal))
+    assert float(aux.baseline_loss) == 0.0
+    results.append((float(loss), np.asarray(aux.signal)))
+  for loss, signal in results[1:]:
+    assert loss == results[0][0]
+    np.testing.assert_array_equal(signal, results[0][1])
+  # The signal is the downstream one of the ELBO terms.
+  terms = objectives.elbo_terms(out, images, PRIOR_P, WHERE_P, 'normal', STD)
+  np.testing.assert_allclose(
+    results[0][1],
+    objectives.downstream_signal(
+      terms.log_likelihood, objectives.step_costs(terms)
+    ),
+    rtol=1e-6,
+  )
+
+
+def test_air_loss_reads_the_schedules_at_the_step():
+  m = 32
+  out = sample_outputs(jax.random.key(9), m)
+  images = jnp.broadcast_to(jnp.asarray(IMAGE), (m, H, H))
+  config = objectives.LossConfig(
+    z_pres_prior=distributions.Schedule(0.5, 0.01, 100, 'exponential'),
+    z_where_prior_loc=(2.5, 0.0, 0.0),
+    z_where_prior_scale=(0.2, 1.0, 1.0),
+    likelihood_std=distributions.Schedule(1.0, 0.3, 100, 'linear'),
+    baseline='none',
+  )
+  for step, prior_p, std in ((0, 0.5, 1.0), (50, np.sqrt(0.005), 0.65)):
+    _, aux = objectives.air_loss(out, images, config, step)
+    terms = objectives.elbo_terms(out, images, prior_p, WHERE_P, 'normal', std)
+    for name in ('log_likelihood', 'kl_pres', 'elbo'):
+      np.testing.assert_allclose(
+        getattr(aux.terms, name), getattr(terms, name), rtol=1e-5, atol=1e-5
+      )
+
+
+def test_update_signal_moments_is_an_exponential_average():
+  moments = objectives.SignalMoments.create()
+  assert float(moments.mean) == 0.0 and float(moments.var) == 1.0
+  moments = objectives.update_signal_moments(
+    moments, jnp.asarray(10.0), jnp.asarray(5.0), decay=0.9
+  )
+  assert float(moments.mean) == pytest.approx(1.0, rel=1e-6)
+  assert float(moments.var) == pytest.approx(0.9 + 0.5, rel=1e-6)
+  moments = objectives.update_signal_moments(
+    moments, jnp.asarray(-10.0), jnp.asarray(1.0), decay=0.5
+  )
+  assert float(moments.mean) == pytest.approx(-4.5, rel=1e-6)
+  assert float(moments.var) == pytest.approx(1.2, rel=1e-6)
+
+
+def test_loss_config_defaults_are_the_recipe_and_hashable():
+  config = objectives.LossConfig()
+  assert config.z_pres_prior == distributions.Schedule.constant(1e-5)
+  assert config.z_where_prior_loc == (2.5, 0.0, 0.0)
+  assert config.likelihood_std == distributions.Schedule(
+    1.0, 0.3, 5_000, 'exponential'
+  )
+  assert config.baseline == 'normalised'
+  assert hash(config) == hash(objectives.LossConfig())
+
+
+@pytest.mark.parametrize(
+  'kwargs',
+  [
+    dict(likelihood='laplace'),
+    dict(baseline='nvil'),
+    dict(z_pres_prior=distributions.Schedule.constant(0.0)),
+    dict(z_pres_prior=distributions.Schedule.constant(1.0)),
+    dict(z_pres_prior=distributions.Schedule(0.5, 1.5, 10, 'linear')),
+    dict(likelihood_std=distributions.Schedule.constant(0.0)),
+    dict(likelihood_std=distributions.Schedule(1.0, -0.3, 10, 'linear')),
+    dict(z_where_prior_scale=(0.2, 0.0, 1.0)),
+    dict(moments_decay=1.0),
+  ],
+)
+def test_loss_config_rejects_invalid_settings(kwargs):
+  with pytest.raises(ValueError):
+    objectives.LossConfig(**kwargs)
 
 
 def test_signal_sums_add_up_across_shards_to_the_global_moments():

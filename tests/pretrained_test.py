@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from air_jax import inference
-from tests import conftest
+from tests import helpers
 
-PRETRAINED = conftest.REPO / 'pretrained'
-IMAGES = np.load(conftest.TESTDATA / 'pretrained_images.npz')
+PRETRAINED = helpers.REPO / 'pretrained'
+IMAGES = np.load(helpers.TESTDATA / 'pretrained_images.npz')
 
 
 def _counts(name, split):

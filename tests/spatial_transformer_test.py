@@ -251,3 +251,281 @@ def test_windows_to_canvas_is_the_weighted_sum_of_drawn_windows():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match='weights'):
     st.windows_to_canvas(windows, z_where, weights[:, :2], 30)
+
+
+def _canvas_inputs(rng, lead, num=3, h=12, w=9):
+  windows = rng.random((*lead, num, h, w)).astype(np.float32)
+  z_where = _random_z_where(rng, int(np.prod(lead)) * num)
+  weights = rng.random((*lead, num)).astype(np.float32)
+  return windows, z_where.reshape(*lead, num, 3), weights
+
+
+def _jitted(fn, size):
+  """`fn` with its size argument bound, jitted.
+
+  One compile per shape is much faster here than eager op-by-op compiles.
+  XLA may order float32 arithmetic differently for different shapes, hence
+  atol=1e-5 in the comparisons.
+  """
+  return jax.jit(lambda *arrays: fn(*arrays, size))
+
+
+READ = _jitted(st.image_to_window, (12, 9))
+WRITE = _jitted(st.window_to_image, 30)
+CANVAS = _jitted(st.windows_to_canvas, 30)
+BOXES = _jitted(st.object_boxes, 30)
+
+
+def test_per_example_calls_match_the_batched_call():
+  rng = np.random.default_rng(8)
+  images = rng.random((4, 30, 30)).astype(np.float32)
+  z_where = _random_z_where(rng, 4)
+  read = np.asarray(READ(images, z_where))
+  write = np.asarray(WRITE(read, z_where))
+  windows, canvas_z_where, weights = _canvas_inputs(rng, (4,))
+  canvas = np.asarray(CANVAS(windows, canvas_z_where, weights))
+  boxes = BOXES(windows, canvas_z_where)
+  for b in range(4):
+    one_read = READ(images[b], z_where[b])
+    assert one_read.shape == (12, 9)
+    np.testing.assert_allclose(one_read, read[b], atol=1e-5)
+    one_write = WRITE(read[b], z_where[b])
+    assert one_write.shape == (30, 30)
+    np.testing.assert_allclose(one_write, write[b], atol=1e-5)
+    one_canvas = CANVAS(windows[b], canvas_z_where[b], weights[b])
+    assert one_canvas.shape == (30, 30)
+    np.testing.assert_allclose(one_canvas, canvas[b], atol=1e-5)
+    one_boxes = BOXES(windows[b], canvas_z_where[b])
+    for got, want in zip(one_boxes, boxes):
+      np.testing.assert_allclose(got, want[b], atol=1e-5)
+  # Eagerly too, as most callers use them.
+  np.testing.assert_allclose(
+    st.image_to_window(images[0], z_where[0], (12, 9)), read[0], atol=1e-5
+  )
+
+
+def test_two_leading_axes_match_the_flattened_call():
+  rng = np.random.default_rng(9)
+  images = rng.random((2, 3, 30, 30, 2)).astype(np.float32)
+  z_where = _random_z_where(rng, 6).reshape(2, 3, 3)
+  read = READ(images, z_where)
+  assert read.shape == (2, 3, 12, 9, 2)
+  flat_read = READ(images.reshape(6, 30, 30, 2), z_where.reshape(6, 3))
+  np.testing.assert_allclose(
+    read, np.reshape(flat_read, (2, 3, 12, 9, 2)), atol=1e-5
+  )
+  write = WRITE(read, z_where)
+  assert write.shape == (2, 3, 30, 30, 2)
+  flat_write = WRITE(np.reshape(read, (6, 12, 9, 2)), z_where.reshape(6, 3))
+  np.testing.assert_allclose(
+    write, np.reshape(flat_write, (2, 3, 30, 30, 2)), atol=1e-5
+  )
+  windows, canvas_z_where, weights = _canvas_inputs(rng, (2, 3))
+  canvas = CANVAS(windows, canvas_z_where, weights)
+  assert canvas.shape == (2, 3, 30, 30)
+  flat = CANVAS(
+    windows.reshape(6, 3, 12, 9),
+    canvas_z_where.reshape(6, 3, 3),
+    weights.reshape(6, 3),
+  )
+  np.testing.assert_allclose(
+    canvas, np.reshape(flat, (2, 3, 30, 30)), atol=1e-5
+  )
+  boxes = BOXES(windows, canvas_z_where)
+  flat_boxes = BOXES(windows.reshape(18, 12, 9), canvas_z_where.reshape(18, 3))
+  for got, want in zip(boxes, flat_boxes):
+    assert got.shape == (2, 3, 3)
+    np.testing.assert_allclose(got, np.reshape(want, (2, 3, 3)), atol=1e-5)
+
+
+def test_vmap_matches_the_batched_call():
+  rng = np.random.default_rng(10)
+  images = rng.random((4, 30, 30)).astype(np.float32)
+  z_where = _random_z_where(rng, 4)
+  read = READ(images, z_where)
+  np.testing.assert_allclose(jax.vmap(READ)(images, z_where), read, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.vmap(WRITE)(read, z_where), WRITE(read, z_where), atol=1e-5
+  )
+  windows, canvas_z_where, weights = _canvas_inputs(rng, (4,))
+  np.testing.assert_allclose(
+    jax.vmap(CANVAS)(windows, canvas_z_where, weights),
+    CANVAS(windows, canvas_z_where, weights),
+    atol=1e-5,
+  )
+  eager = st.object_boxes(windows, canvas_z_where, 30)
+  for got in (
+    jax.vmap(BOXES)(windows, canvas_z_where),
+    BOXES(windows, canvas_z_where),
+  ):
+    for a, b in zip(got, eager):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_windows_to_canvas_channels_are_independent():
+  rng = np.random.default_rng(11)
+  windows, z_where, weights = _canvas_inputs(rng, (2,))
+  windows = np.stack([windows, 1.0 - windows, windows**2], axis=-1)
+  canvas = np.asarray(CANVAS(windows, z_where, weights))
+  assert canvas.shape == (2, 30, 30, 3)
+  for c in range(3):
+    np.testing.assert_allclose(
+      canvas[..., c], CANVAS(windows[..., c], z_where, weights), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+  'call, message',
+  [
+    # Leading axes (2,) from z_where, but one image.
+    (
+      lambda: st.image_to_window(jnp.ones((10, 10)), jnp.ones((2, 3)), 5),
+      r'images must have shape \[\*L, H, W, \*C\] with leading axes \(2,\)',
+    ),
+    (
+      lambda: st.image_to_window(jnp.ones((10,)), jnp.ones(3), 5),
+      r'images must have shape \[\*L, H, W, \*C\]',
+    ),
+    (
+      lambda: st.window_to_image(jnp.ones((3, 8, 8)), jnp.ones((2, 3)), 20),
+      r'windows must have shape \[\*L, h, w, \*C\] with leading axes \(2,\)',
+    ),
+    (
+      lambda: st.window_to_image(jnp.ones((8, 8)), jnp.ones(()), 20),
+      r'z_where must have shape \[\*L, 3\]',
+    ),
+    (
+      lambda: st.windows_to_canvas(
+        jnp.ones((3, 8, 8)), jnp.ones(3), jnp.ones(3), 20
+      ),
+      r'z_where must have shape \[\*L, N, 3\]',
+    ),
+    (
+      lambda: st.windows_to_canvas(
+        jnp.ones((2, 4, 8, 8)), jnp.ones((2, 3, 3)), jnp.ones((2, 3)), 20
+      ),
+      r'windows must have shape \[\*L, N, h, w, \*C\] with leading axes '
+      r'\(2, 3\)',
+    ),
+    (
+      lambda: st.windows_to_canvas(
+        jnp.ones((2, 3, 8, 8)), jnp.ones((2, 3, 3)), jnp.ones((2,)), 20
+      ),
+      r'weights must have shape \[\*L, N\] = \(2, 3\)',
+    ),
+    (
+      lambda: st.object_boxes(jnp.ones((2, 8, 8, 1)), jnp.ones((2, 3)), 20),
+      r'windows must have shape \[\*L, h, w\] with L = \(2,\)',
+    ),
+  ],
+)
+def test_wrong_shapes_name_the_argument(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_object_boxes_of_a_rectangle_by_hand():
+  # s = 2 on a 50-pixel image: the window's square is 25 pixels wide, so each
+  # of its 10 pixels is 2.5 image pixels. Its top-left corner is at
+  # ((y + 1 - 1/s) * 25, (x + 1 - 1/s) * 25) = (2.5, 17.5). Window rows 2..5
+  # and columns 3..8 are on: top = 2.5 + 2 * 2.5, left = 17.5 + 3 * 2.5,
+  # height = 4 * 2.5, width = 6 * 2.5.
+  window = np.zeros((10, 10), np.float32)
+  window[2:6, 3:9] = 0.8
+  window[7, 0] = 0.5  # Not above the threshold.
+  box = st.object_boxes(window, np.asarray([2.0, 0.2, -0.4], np.float32), 50)
+  np.testing.assert_allclose(
+    [float(v) for v in box], [7.5, 25.0, 10.0, 15.0], atol=1e-5
+  )
+  # A lower threshold takes the 0.5 pixel in: rows 2..7, columns 0..8.
+  box = st.object_boxes(
+    window, np.asarray([2.0, 0.2, -0.4], np.float32), 50, threshold=0.4
+  )
+  np.testing.assert_allclose(
+    [float(v) for v in box], [7.5, 17.5, 15.0, 22.5], atol=1e-5
+  )
+
+
+def test_object_boxes_of_an_empty_window_have_zero_size():
+  windows = np.zeros((2, 6, 6), np.float32)
+  windows[1] = 0.5  # Equal to the threshold is not above it.
+  z_where = np.asarray([[2.0, 0.2, -0.4], [3.0, 0.0, 0.5]], np.float32)
+  box = st.object_boxes(windows, z_where, 50)
+  np.testing.assert_array_equal(box.height, [0.0, 0.0])
+  np.testing.assert_array_equal(box.width, [0.0, 0.0])
+  # Placed at the centre of the window's square.
+  np.testing.assert_allclose(box.top, [15.0, 37.5], atol=1e-5)
+  np.testing.assert_allclose(box.left, [30.0, 25.0], atol=1e-5)
+
+
+def test_object_boxes_with_identity_z_where_are_pixel_boxes():
+  rng = np.random.default_rng(12)
+  windows = np.zeros((3, 20, 30), np.float32)
+  windows[0, 4:9, 11:27] = rng.uniform(0.6, 1.0, (5, 16))
+  windows[1, 0, 29] = 0.9  # One corner pixel.
+  windows[2] = rng.random((20, 30)) ** 8  # Scattered bright pixels.
+  identity = np.tile([1.0, 0.0, 0.0], (3, 1)).astype(np.float32)
+  box = st.object_boxes(windows, identity, (20, 30))
+  for i in range(3):
+    rows, cols = np.nonzero(windows[i] > 0.5)
+    np.testing.assert_allclose(
+      [float(v[i]) for v in box],
+      [
+        rows.min(),
+        cols.min(),
+        rows.max() + 1 - rows.min(),
+        cols.max() + 1 - cols.min(),
+      ],
+      atol=1e-6,
+    )
+
+
+_WRITE_STATIC = jax.jit(st.window_to_image, static_argnums=2)
+
+
+def _rendered_extent(profile, z_where, image_size, axis):
+  """Image extent of a window profile drawn with window_to_image.
+
+  The window is the 0/1 profile repeated across the other axis, so along
+  `axis` the drawn intensity is the linear interpolation of the profile; it
+  exceeds 0.5 exactly on the image spans of the profile's ones. Returns
+  (first, one past the last) image pixel drawn above 0.5.
+  """
+  other = 8
+  window = np.repeat(profile[:, None], other, axis=1)
+  if axis == 1:
+    window = window.T
+  image = np.asarray(_WRITE_STATIC(window, z_where, image_size))
+  hits = np.nonzero(np.any(image > 0.5, axis=1 - axis))[0]
+  return hits.min(), hits.max() + 1
+
+
+def test_object_boxes_match_windows_drawn_at_high_resolution():
+  # At 400 x 320 pixels one window pixel is 13 or more image pixels, and the
+  # drawn extent is within one image pixel of the exact one.
+  rng = np.random.default_rng(13)
+  image_size = (400, 320)
+  windows = rng.random((6, 10, 8)).astype(np.float32) ** 2
+  scale = rng.uniform(1.5, 3.0, 6)
+  z_where = np.stack(
+    [
+      scale,
+      rng.uniform(-1, 1, 6) * (1 - 1 / scale),  # The square stays inside.
+      rng.uniform(-1, 1, 6) * (1 - 1 / scale),
+    ],
+    axis=1,
+  ).astype(np.float32)
+  box = st.object_boxes(windows, z_where, image_size)
+  for i in range(6):
+    mask = windows[i] > 0.5
+    top, bottom = _rendered_extent(
+      mask.any(axis=1).astype(np.float32), z_where[i], image_size, axis=0
+    )
+    left, right = _rendered_extent(
+      mask.any(axis=0).astype(np.float32), z_where[i], image_size, axis=1
+    )
+    np.testing.assert_allclose(
+      [float(v[i]) for v in box],
+      [top, left, bottom - top, right - left],
+      atol=1.0,
+    )

@@ -13,23 +13,52 @@ In cases 1 and 2 nothing is downloaded: a missing or corrupted file raises
 MnistFilesError naming the file, the folder and the expected checksum,
 before anything is written.
 
-Splits:
+Configs (each is one placement rule of `generate`, a canvas size S, a
+maximum number of objects K and a table of splits; a split not in a config's
+table does not exist for it):
+
+`full` (the default) and `small`: AIR's canvases, 50 x 50, K = 3, digits
+cropped to their ink at native size, ink boxes never overlap.
   train      60,000 canvases of MNIST train digits, 0, 1 or 2 digits.
   test       10,000 canvases of MNIST test digits, 0, 1 or 2 digits.
   test_3     10,000 canvases of MNIST test digits, exactly 3 digits.
   train_013  60,000 canvases of MNIST train digits, 0, 1 or 3 digits.
   test_2     10,000 canvases of MNIST test digits, exactly 2 digits.
-(The `small` config has 2,000 training and 500 test canvases per split.)
 
-Features: image (50, 50, 1) uint8; num_objects int32; boxes (3, 4) int32
-(top, left, height, width) of each digit's ink box, -1 padded; labels (3,)
-int32, -1 padded. The same version and seed give byte-identical data.
+`pyro` and `pyro_small`: the rule of Pyro's AIR example, 50 x 50, K = 3:
+whole digits shrunk by s ~ N(1.3, 0.1) (PIL bicubic), summed, overlap allowed
+as long as no summed pixel exceeds 255 (else the canvas is redrawn).
+  train 60,000 (0-2 digits), test 10,000 (0-2), test_2 10,000 (exactly 2),
+  test_3 10,000 (exactly 3).
+
+`many` and `many_small`: crowded scenes after SPAIR's comparison set,
+48 x 48, K = 9: whole digits averaged down to 14 x 14 (2 x 2 box filter),
+ink boxes of two digits intersect by at most 25% of the smaller one's area
+(rejection sampling, redraw), overlapping pixels take the maximum.
+  train 60,000 (0-9 digits), test 10,000 (0-9), train_0to5 60,000 (0-5),
+  test_6to9 10,000 (6-9).
+
+The `*_small` configs have 2,000 canvases per training split and 500 per test
+split, the first canvases of the full config's splits. MNIST train digits
+make the train splits, test digits the test splits; counts are uniform over
+the allowed set.
+
+Features: image (S, S, 1) uint8; num_objects int32; boxes (K, 4) int32
+(top, left, height, width) of each digit's ink box in canvas pixels, -1
+padded; labels (K,) int32, -1 padded. Example i of a split is a function of
+(seed, split id, i) only, so the same version and seed give identical
+records. (Two builds in one process also give byte-identical files; across
+processes the array_record bytes can differ, because the order in which
+TFDS's serializer writes the feature map's entries varies, while every
+decoded record is the same.)
 """
 
 import dataclasses
 import hashlib
 import os
 import pathlib
+import socket
+import urllib.parse
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -57,7 +86,8 @@ MNIST_FILES = {
     'f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6',
   ),
 }
-# split -> (MNIST part, allowed counts, split id for the RNG)
+# split -> (MNIST part, allowed counts, split id for the RNG), per family.
+# Split ids differ across families so that no two configs share a stream.
 SPLITS = {
   'train': ('train', (0, 1, 2), 0),
   'test': ('test', (0, 1, 2), 1),
@@ -65,19 +95,88 @@ SPLITS = {
   'train_013': ('train', (0, 1, 3), 3),
   'test_2': ('test', (2,), 4),
 }
+PYRO_SPLITS = {
+  'train': ('train', (0, 1, 2), 10),
+  'test': ('test', (0, 1, 2), 11),
+  'test_2': ('test', (2,), 12),
+  'test_3': ('test', (3,), 13),
+}
+MANY_SPLITS = {
+  'train': ('train', tuple(range(10)), 20),
+  'test': ('test', tuple(range(10)), 21),
+  'train_0to5': ('train', tuple(range(6)), 22),
+  'test_6to9': ('test', tuple(range(6, 10)), 23),
+}
+# The placement rules of `generate`.
+PLACEMENTS = ('crop', 'pyro', 'many')
+
+
+_PYRO_DESCRIPTION = (
+  "Pyro's AIR example: 50x50, 28x28 digits shrunk by s ~ N(1.3, 0.1) "
+  '(PIL bicubic) to int(28/s), placed at randint(0, 50 - w), summed; '
+  'overlap allowed, a canvas with a summed pixel over 255 is redrawn. '
+  'Splits train, test (0-2 digits), test_2, test_3.'
+)
+_MANY_DESCRIPTION = (
+  'Crowded scenes after SPAIR: 48x48, whole digits averaged to 14x14 (2x2 '
+  'box filter), placed uniformly; two ink boxes may intersect by at most '
+  "25% of the smaller box's area (rejection sampling, redraw); overlapping "
+  'pixels take the maximum. Splits train, test (0-9 digits), train_0to5, '
+  'test_6to9.'
+)
+_SMALL = ' 2,000 training / 500 test canvases per split.'
 
 
 class MnistFilesError(FileNotFoundError):
   """An MNIST file is missing or does not match its checksum."""
 
 
+def _frozen(splits: dict) -> tuple:
+  return tuple((name, *spec) for name, spec in splits.items())
+
+
 @dataclasses.dataclass
 class MultiMnistConfig(tfds.core.BuilderConfig):
-  """Sizes and seed of a multi-MNIST build."""
+  """Everything that defines a multi-MNIST build.
+
+  Attributes:
+    num_train: canvases per split made of MNIST train digits.
+    num_test: canvases per split made of MNIST test digits.
+    seed: the seed of every example's Generator.
+    canvas_size: S, side of the square canvas.
+    max_objects: K, the length boxes and labels are padded to.
+    placement: the rule of `generate`: 'crop', 'pyro' or 'many'.
+    splits: ((name, MNIST part, allowed counts, split id), ...).
+  """
 
   num_train: int = 60_000
   num_test: int = 10_000
   seed: int = 0
+  canvas_size: int = generate.CANVAS_SIZE
+  max_objects: int = generate.MAX_OBJECTS
+  placement: str = 'crop'
+  splits: tuple = _frozen(SPLITS)
+
+  def __post_init__(self):
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f'Unknown placement {self.placement!r}.')
+    for _, _, counts, _ in self.splits:
+      if max(counts) > self.max_objects:
+        raise ValueError(f'Counts {counts} exceed max_objects.')
+
+
+def _check_reachable(url: str, timeout_s: float = 5.0) -> None:
+  """Raises MnistFilesError at once when the download host cannot be
+  reached (TFDS would otherwise retry for minutes)."""
+  host = urllib.parse.urlparse(url).hostname
+  try:
+    socket.create_connection((host, 443), timeout=timeout_s).close()
+  except OSError as e:
+    raise MnistFilesError(
+      f'MNIST is not given and {host} cannot be reached ({e}): put the four '
+      f'MNIST .gz files in a folder and set {MNIST_DIR_ENV} (or '
+      'config.data.mnist_dir) to it.'
+    ) from e
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -127,8 +226,63 @@ def load_mnist(paths: dict[str, pathlib.Path]) -> dict[str, tuple]:
   }
 
 
+def digit_pool(placement: str, images: np.ndarray, labels: np.ndarray):
+  """The digits a placement rule draws from: (digits, labels).
+
+  Args:
+    placement: 'crop', 'pyro' or 'many'.
+    images: [M, 28, 28] uint8 MNIST digits.
+    labels: [M] uint8 classes.
+
+  Returns:
+    ('crop') a list of M ink-cropped digits, ('pyro') the [M, 28, 28]
+    frames, ('many') the [M, 14, 14] halved frames; and the labels.
+  """
+  if placement == 'crop':
+    return generate.crop_all(images), labels
+  if placement == 'pyro':
+    return images, labels
+  if placement == 'many':
+    return generate.downscale_2x(images), labels
+  raise ValueError(f'Unknown placement {placement!r}.')
+
+
+def make_example(
+  config: MultiMnistConfig, pool, counts, split_id: int, index: int
+) -> generate.Canvas:
+  """Example `index` of a split: a function of (config, split, index) only.
+
+  Args:
+    config: the builder config (placement rule, sizes, seed).
+    pool: `digit_pool(config.placement, ...)` of the split's MNIST part.
+    counts: the allowed numbers of digits (drawn uniformly).
+    split_id: the split's id in the config's table.
+    index: the example's index in the split.
+
+  Returns:
+    A Canvas.
+  """
+  digits, labels = pool
+  rng = generate.example_rng(config.seed, split_id, index)
+  n = int(counts[rng.integers(len(counts))])
+  if config.placement == 'crop':
+    make = generate.make_canvas
+  elif config.placement == 'pyro':
+    make = generate.make_pyro_canvas
+  else:
+    make = generate.make_many_canvas
+  return make(
+    rng,
+    digits,
+    labels,
+    n,
+    canvas_size=config.canvas_size,
+    max_objects=config.max_objects,
+  )
+
+
 class MultiMnist(tfds.core.GeneratorBasedBuilder):
-  """AIR's multi-MNIST: 50x50 canvases with a few non-overlapping digits."""
+  """Multi-MNIST canvases: AIR's, Pyro's and crowded ones (one per config)."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
@@ -137,6 +291,38 @@ class MultiMnist(tfds.core.GeneratorBasedBuilder):
     MultiMnistConfig(
       name='small',
       description='2,000 training / 500 test canvases per split.',
+      num_train=2_000,
+      num_test=500,
+    ),
+    MultiMnistConfig(
+      name='pyro',
+      description=_PYRO_DESCRIPTION,
+      placement='pyro',
+      splits=_frozen(PYRO_SPLITS),
+    ),
+    MultiMnistConfig(
+      name='pyro_small',
+      description=_PYRO_DESCRIPTION + _SMALL,
+      placement='pyro',
+      splits=_frozen(PYRO_SPLITS),
+      num_train=2_000,
+      num_test=500,
+    ),
+    MultiMnistConfig(
+      name='many',
+      description=_MANY_DESCRIPTION,
+      canvas_size=generate.MANY_CANVAS_SIZE,
+      max_objects=generate.MANY_MAX_OBJECTS,
+      placement='many',
+      splits=_frozen(MANY_SPLITS),
+    ),
+    MultiMnistConfig(
+      name='many_small',
+      description=_MANY_DESCRIPTION + _SMALL,
+      canvas_size=generate.MANY_CANVAS_SIZE,
+      max_objects=generate.MANY_MAX_OBJECTS,
+      placement='many',
+      splits=_frozen(MANY_SPLITS),
       num_train=2_000,
       num_test=500,
     ),
@@ -152,8 +338,8 @@ class MultiMnist(tfds.core.GeneratorBasedBuilder):
     super().__init__(file_format=file_format or 'array_record', **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = generate.CANVAS_SIZE
-    k = generate.MAX_OBJECTS
+    size = self.builder_config.canvas_size
+    k = self.builder_config.max_objects
     return self.dataset_info_from_configs(
       features=tfds.features.FeaturesDict(
         {
@@ -180,6 +366,7 @@ class MultiMnist(tfds.core.GeneratorBasedBuilder):
     env = os.environ.get(MNIST_DIR_ENV)
     if env:
       return verify_mnist_dir(env)
+    _check_reachable(_URL)
     downloaded = dl_manager.download(
       {name: _URL + name for name in MNIST_FILES}
     )
@@ -187,24 +374,22 @@ class MultiMnist(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     mnist = load_mnist(self._mnist_paths(dl_manager))
-    crops = {
-      part: generate.crop_all(images) for part, (images, _) in mnist.items()
-    }
     config = self.builder_config
+    pools = {
+      part: digit_pool(config.placement, images, labels)
+      for part, (images, labels) in mnist.items()
+    }
     generators = {}
-    for name, (part, counts, split_id) in SPLITS.items():
+    for name, part, counts, split_id in config.splits:
       num = config.num_train if part == 'train' else config.num_test
       generators[name] = self._generate_examples(
-        crops[part], mnist[part][1], counts, num, split_id
+        pools[part], counts, num, split_id
       )
     return generators
 
-  def _generate_examples(self, crops, labels, counts, num, split_id):
-    seed = self.builder_config.seed
+  def _generate_examples(self, pool, counts, num, split_id):
     for index in range(num):
-      rng = generate.example_rng(seed, split_id, index)
-      n = int(counts[rng.integers(len(counts))])
-      canvas = generate.make_canvas(rng, crops, labels, n)
+      canvas = make_example(self.builder_config, pool, counts, split_id, index)
       yield (
         index,
         {

@@ -1,0 +1,108 @@
+r"""Runs a trained AIR on your images and writes what it found as JSON.
+
+  air-infer --checkpoint=pretrained/air --images=my_images.npz \
+      --output=out.json [--pictures=out_pngs/]
+
+--images: a .npz holding `images` (N, H, W), a .npy of that shape (uint8
+0-255 or float 0-1), a PNG file or a folder of PNG files (greyscale, 1-16
+bit, converted exactly), H x W the checkpoint's image size. Bad input prints
+one line saying what was expected, exits with status 1 and writes nothing.
+The JSON schema: README.md.
+
+--pictures and --output appear together or not at all: the pictures are
+drawn into a temp folder beside --pictures and the JSON into a temp file
+beside --output; only when both are complete are they renamed into place
+(the pictures first, the JSON last). --pictures must be a new or empty
+folder, or one holding only an earlier run's pictures (then replaced).
+"""
+
+from absl import flags
+from absl import logging
+
+from air_jax import checkpointing
+from air_jax import cli
+from air_jax import files
+from air_jax import inference
+from air_jax import writers
+
+_CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
+_IMAGES = cli.define_string(
+  'images', None, '.npz / .npy / PNG file / folder of PNGs.'
+)
+_OUTPUT = cli.define_string('output', None, 'Where to write the JSON records.')
+_PICTURES = cli.define_string(
+  'pictures', None, 'Optional new folder for PNGs with boxes.'
+)
+_MAX_STEPS = flags.DEFINE_integer(
+  'max_steps',
+  None,
+  'Attend to at most this many objects (default: the trained max_steps). '
+  'The recurrence shares its parameters over steps, so more steps need no '
+  'retraining (DAIR extrapolates to more objects than it was trained on).',
+)
+
+
+def check_paths(checkpoint, images, output, pictures) -> None:
+  """Fails (one line) before any work on paths that cannot be used."""
+  cli.check_input('checkpoint', checkpoint, folder=True)
+  cli.check_input('images', images)
+  inputs = (images, checkpoint)
+  cli.check_output_file('output', output, inputs)
+  if pictures:
+    cli.check_output_folder(
+      'pictures', pictures, inputs, inference.is_pictures_folder
+    )
+    if files.is_within(output, pictures):
+      cli.fail(f'--output {output} lies in --pictures {pictures}.')
+
+
+def infer(
+  checkpoint: str | None,
+  images: str | None,
+  output: str | None,
+  pictures: str | None = None,
+  max_steps: int | None = None,
+) -> list:
+  """The program without its flags: checks everything, infers, writes the
+  JSON (and pictures); every failure ends in `cli.fail` (one line, exit 1)
+  with nothing written."""
+  check_paths(checkpoint, images, output, pictures)
+  if max_steps is not None and max_steps < 1:
+    cli.fail(f'--max_steps must be >= 1, got {max_steps}.')
+  with cli.one_line_errors():
+    # The images first: a bad file is refused before any model is built.
+    config = checkpointing.load_valid_config(checkpoint)
+    pixels = inference.load_images(images, config.model.image_size)
+    config, model, params = inference.load(checkpoint)
+    if max_steps is not None:
+      model = model.clone(max_steps=max_steps)
+    records = inference.infer_records(model, params, pixels)
+    data = inference.records_json(records).encode('utf-8')
+    with files.staged_bytes(output, data) as commit:
+      if pictures:
+        inference.write_pictures(model, params, pixels, pictures)
+      commit()
+  return records
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}.')
+  logging.set_verbosity(logging.WARNING)  # The output is the JSON.
+  writers.quiet_library_logs()
+  records = infer(
+    _CHECKPOINT.value,
+    _IMAGES.value,
+    _OUTPUT.value,
+    _PICTURES.value,
+    _MAX_STEPS.value,
+  )
+  print(f'{len(records)} images -> {_OUTPUT.value}')
+
+
+def run():
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  run()
