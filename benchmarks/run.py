@@ -22,7 +22,7 @@ several timed blocks, median and best):
   * the host data pipeline's images/s; the image projection's share of
     batch-64 inference; a rolled `lax.scan` (unroll=1);
   * peak RSS of a real training run on the full dataset (subprocess).
-Pyro's numbers (issue #5, pyro-ppl 1.9.1 on a 2-core CPU) are quoted for
+Pyro's numbers (pyro-ppl 1.9.1's AIR on a 2-core CPU) are quoted for
 comparison, not re-measured here. The training subprocesses need the
 multi_mnist dataset; it is built (if missing) before anything is timed.
 """

@@ -42,10 +42,22 @@ def one_line(message: str) -> str:
   return ' '.join(str(message).split())
 
 
+# Set by `run`: this process is one of the programs, not a library user.
+_IN_PROGRAM = False
+
+
 def fail(message: str, code: int = 1) -> None:
-  """Prints `error: message` (one line) on stderr and exits with `code`."""
+  """Prints `error: message` (one line) on stderr and exits with `code`.
+
+  In a program (see `run`), stderr is closed after that line: threads of
+  orbax and tensorstore that are still winding down after a failed read
+  would otherwise print their own tracebacks while the process exits.
+  """
   print(f'error: {one_line(message)}', file=sys.stderr)
   sys.stderr.flush()
+  if _IN_PROGRAM:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
   sys.exit(code)
 
 
@@ -183,6 +195,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main, argv=None) -> None:
   """`app.run(main)` with shipped config names resolved and flag errors in
   one line."""
+  global _IN_PROGRAM
+  _IN_PROGRAM = True
   argv = resolve_config_arg(list(sys.argv if argv is None else argv))
   app.run(main, argv=argv, flags_parser=parse_flags)
 
