@@ -186,8 +186,9 @@ def _params_of(workdir):
   return params
 
 
-def _launch(workdir, data_dir, overrides):
-  env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
+def _launch(workdir, data_dir, overrides, extra_env=None):
+  """`python -m experiments.train` on the test config in a subprocess."""
+  env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), **(extra_env or {}))
   return subprocess.Popen(
     [
       sys.executable,
@@ -326,29 +327,17 @@ def test_pmap_on_two_devices_matches_one_device():
 
 
 def _run_training(workdir, data_dir, extra_env=None, args=()):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', **(extra_env or {}))
-  return subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'experiments.train',
-      '--config=configs/test.py',
-      f'--workdir={workdir}',
-      f'--config.data.data_dir={data_dir}',
-      '--config.num_train_steps=4',
-      '--config.log_every_steps=2',
-      '--config.eval_every_steps=4',
-      '--config.checkpoint_every_steps=2',
-      '--config.image_every_steps=4',
-      '--compilation_cache=',
-      *args,
-    ],
-    cwd=REPO,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  """A 4-step run of the test config (logs and saves at 2, evaluates at 4)."""
+  short = [
+    '--config.num_train_steps=4',
+    '--config.log_every_steps=2',
+    '--config.eval_every_steps=4',
+    '--config.checkpoint_every_steps=2',
+    '--config.image_every_steps=4',
+    '--compilation_cache=',
+  ]
+  env = {'JAX_PLATFORMS': 'cpu', **(extra_env or {})}
+  return _launch(workdir, data_dir, [*short, *args], env)
 
 
 def _finish(procs, timeout=400):
