@@ -11,7 +11,6 @@ __all__ = [
   'TEMP_PREFIX',
   'append_line',
   'is_within',
-  'leftover_temp_files',
   'publish_dir',
   'same_file',
   'staged_bytes',
@@ -162,13 +161,3 @@ def is_within(path: str, directory: str) -> bool:
   """Whether `path` is `directory` or lies under it (symlinks resolved)."""
   path, directory = os.path.realpath(path), os.path.realpath(directory)
   return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
-
-
-def leftover_temp_files(directory: str) -> list[str]:
-  """Temp files or folders of this module left in `directory` (a crash
-  between writing and renaming leaves one; tests assert there are none)."""
-  try:
-    names = os.listdir(directory)
-  except OSError:
-    return []
-  return sorted(n for n in names if n.startswith(TEMP_PREFIX))
