@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from air_jax import air
+from air_jax import checkpointing
 from air_jax import configuration
 from air_jax import evaluation
 from air_jax import input_pipeline
@@ -97,13 +98,25 @@ class TrainTiming(NamedTuple):
 
 
 def train_step_times(
-  config: ml_collections.ConfigDict, num_blocks: int, per_block: int
+  config: ml_collections.ConfigDict,
+  num_blocks: int,
+  per_block: int,
+  batches: np.ndarray | None = None,
+  params=None,
 ) -> TrainTiming:
   """One jitted `train.train_step` per call, on [B, H, W] float images
-  already on the device (the state is donated, as in training)."""
+  already on the device (the state is donated, as in training).
+
+  Without `batches` every call sees the same random images; with them
+  ([M, B, H, W] in [0, 1]) the calls cycle through the M batches. `params`
+  (e.g. a trained model's) replace the initial parameters.
+  """
   model = configuration.create_model(config)
   loss_config = configuration.loss_config(config)
   state, tx = train.create_train_state(config, model)
+  if params is not None:
+    params = jax.tree.map(jnp.copy, params)  # The state is donated.
+    state = state.replace(params=params, opt_state=tx.init(params))
   traces = []
 
   def counted(state, images):
@@ -119,15 +132,19 @@ def train_step_times(
     )
 
   step = jax.jit(counted, donate_argnums=(0,))
-  images = _random_images(config.batch_size, config)
+  if batches is None:
+    batches = _random_images(config.batch_size, config)[None]
+  batches = jnp.asarray(batches, jnp.float32)
+  images = batches[0]
   t = time.perf_counter()
   state, metrics = step(state, images)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t
-  holder = [state]
+  holder, calls = [state], [0]
 
   def one():
-    holder[0], m = step(holder[0], images)
+    calls[0] += 1
+    holder[0], m = step(holder[0], batches[calls[0] % len(batches)])
     jax.block_until_ready(m)
 
   time_blocks(one, 1, 3)  # Warm-up.
@@ -155,16 +172,28 @@ def infer_times(
   batch: int,
   num_blocks: int,
   per_block: int,
+  batches: np.ndarray | None = None,
+  params=None,
 ) -> InferTiming:
-  """The deterministic inference pass on [batch, H, W] images."""
+  """The deterministic inference pass on [batch, H, W] images: random ones,
+  or cycling through `batches` [M, batch, H, W]; `params` as in
+  `train_step_times`."""
   model = configuration.create_model(config)
-  params = air.init_params(model, config.seed)
+  if params is None:
+    params = air.init_params(model, config.seed)
   apply = evaluation.inference_pass(model)
-  images = _random_images(batch, config)
-  jax.block_until_ready(apply(params, images))
-  times = time_blocks(
-    lambda: jax.block_until_ready(apply(params, images)), num_blocks, per_block
-  )
+  if batches is None:
+    batches = _random_images(batch, config)[None]
+  batches = jnp.asarray(batches, jnp.float32)
+  jax.block_until_ready(apply(params, batches[0]))
+  calls = [0]
+
+  def one():
+    calls[0] += 1
+    jax.block_until_ready(apply(params, batches[calls[0] % len(batches)]))
+
+  images = batches[0]
+  times = time_blocks(one, num_blocks, per_block)
   flops = _flops(apply.lower(params, images).compile())
   return InferTiming([1000 * t / batch for t in times], flops / 1e6 / batch)
 
@@ -213,6 +242,27 @@ def training_images(config: ml_collections.ConfigDict) -> jax.Array:
     shard=False,
   )
   return jnp.asarray(split.images)
+
+
+def real_batches(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
+  """[count, B, H, W] float32: the first count * B canvases of the training
+  split, in [0, 1]."""
+  data, b = config.data, config.batch_size
+  split = input_pipeline.load_split(
+    data.train_split, data.data_dir, data.builder_config, shard=False
+  )
+  images = split.images[: count * b].astype(np.float32) / 255.0
+  return images.reshape(count, b, *images.shape[1:])
+
+
+def trained_params(path: str, config: ml_collections.ConfigDict):
+  """The parameters of `config`'s model with those of the model at `path`
+  (a workdir or an export) in place; what the export lacks (the baseline
+  network) keeps its initial values."""
+  _, _, loaded = checkpointing.load_model(path)
+  params = dict(air.init_params(configuration.create_model(config), 0))
+  params.update(loaded)
+  return params
 
 
 def _index_batches(
@@ -445,6 +495,8 @@ def loop_images_per_s(
     'image_every_steps': FAR,
     'checkpoint_every_steps': FAR,
     'eval_max_examples': _FINAL_EVAL_EXAMPLES,
+    # As the step it is compared with.
+    'model.skip_finished': config.model.skip_finished,
   }
   try:
     _run_training(_train_args(workdir, overrides), 'loop training run')

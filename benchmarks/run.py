@@ -16,7 +16,10 @@ several timed blocks, median and best):
     then a filled compilation cache;
   * vmapped sweeps of S seeds (train.train_sweep's program);
   * inference (deterministic guide pass) ms/image at batch 1 and 64;
-  * train and inference cost against max_steps (batch 64);
+  * train and inference cost against max_steps (batch 64), for the default
+    config and for the crowded one (configs/many.py: 48 x 48, DAIR);
+  * the same on real training canvases with the shipped AIR's parameters
+    (pretrained/air), max_steps 3 and 10, finished steps skipped or not;
   * FLOPs of a train step and an inference pass (XLA's cost analysis) and
     this machine's large-matmul FLOP/s, i.e. the hardware floor;
   * the host data pipeline's images/s; the image projection's share of
@@ -39,6 +42,7 @@ import numpy as np
 
 from air_jax import visualization
 from air_jax.configs import default
+from air_jax.configs import many
 from benchmarks import measure
 
 _OUTPUT = flags.DEFINE_string(
@@ -46,6 +50,13 @@ _OUTPUT = flags.DEFINE_string(
 )
 _QUICK = flags.DEFINE_bool('quick', False, 'Fewer sizes and repeats.')
 _RSS = flags.DEFINE_bool('rss', True, 'Measure peak RSS of a training run.')
+_REAL_PARAMS = flags.DEFINE_string(
+  'real_params',
+  'pretrained/air',
+  'A default-config model (workdir or export) whose parameters time the '
+  'real-canvas rows: one trained with max_steps 10 shows what a trained '
+  'stop costs (pretrained/air never learnt to stop after step 3).',
+)
 
 PYRO = {
   'train_images_per_s': 405.0,
@@ -62,14 +73,20 @@ class _Plan:
     self.blocks, self.per_block = (3, 5) if quick else (5, 10)
     self.batches = (16, 64, 256) if quick else (16, 32, 64, 128, 256, 512)
     self.max_steps = (1, 3, 10) if quick else tuple(range(1, 11))
-    self.loop_steps = 200 if quick else 600
+    # Logged steps 100 .. loop_steps: the default config's 1,000 steps between
+    # evaluations in the full run.
+    self.loop_steps = 200 if quick else 1_100
     self.sweep_seeds = (1, 2) if quick else (1, 2, 4, 10)
     self.sweep_per_block = 2
 
 
-def _config(**fields):
-  """The default config with top-level or 'model.<field>' overrides."""
-  config = default.get_config()
+def _config(base=default, **fields):
+  """A shipped config (module `base`) with top-level or 'model.<field>'
+  overrides. Every step is computed (`skip_finished` off) unless an
+  override says otherwise: on random images with initial parameters a
+  skip would time whatever the untrained z_pres happens to do."""
+  config = base.get_config()
+  config.model.skip_finished = False
   for name, value in fields.items():
     if name.startswith('model_'):
       config.model[name[len('model_') :]] = value
@@ -78,9 +95,9 @@ def _config(**fields):
   return config
 
 
-def measure_all(plan: _Plan, rss: bool) -> dict:
+def measure_all(plan: _Plan, rss: bool, real_params: str) -> dict:
   """Runs every measurement; returns the results (see the module doc)."""
-  base = default.get_config()
+  base = _config()
   b = base.batch_size
   r = {
     'date': time.strftime('%Y-%m-%d %H:%M'),
@@ -151,6 +168,8 @@ def measure_all(plan: _Plan, rss: bool) -> dict:
     )
   r['train_ms_per_step_by_max_steps'] = train_ms
   r['infer_ms_per_image_by_max_steps'] = infer_ms
+  r.update(_crowded_cost(plan))
+  r.update(_real_cost(plan, base, real_params))
 
   # A sweep as train_sweep runs it here (one vmapped program on an
   # accelerator, the members in turn on a CPU), and the other way.
@@ -224,9 +243,62 @@ def measure_all(plan: _Plan, rss: bool) -> dict:
   return r
 
 
+def _crowded_cost(plan: _Plan) -> dict:
+  """Train ms/step and inference ms/image (batch 64, random images) of the
+  crowded config against max_steps."""
+  train_ms, infer_ms = {}, {}
+  for n in plan.max_steps:
+    config = _config(many, model_max_steps=n)
+    times = measure.train_step_times(config, plan.blocks, plan.per_block)
+    infer = measure.infer_times(config, 64, plan.blocks, 10)
+    train_ms[str(n)] = 1000 * float(np.median(times.seconds_per_step))
+    infer_ms[str(n)] = float(np.median(infer.ms_per_image))
+    print(
+      f'many, max_steps {n}: train {train_ms[str(n)]:.1f} ms/step, infer '
+      f'{infer_ms[str(n)]:.4f} ms/image',
+      flush=True,
+    )
+  return {
+    'train_ms_per_step_by_max_steps_many': train_ms,
+    'infer_ms_per_image_by_max_steps_many': infer_ms,
+  }
+
+
+def _real_cost(plan: _Plan, base, path: str) -> dict:
+  """Train ms/step and inference ms/image on real training canvases (0-2
+  digits, 8 batches of 64 in turn) with the parameters of the model at
+  `path`, at max_steps 3 and 10, with finished steps skipped (the default)
+  or computed: a batch's cost follows its objects, not max_steps."""
+  if not os.path.isdir(path):
+    print(f'{path} missing: no real-canvas rows', flush=True)
+    return {}
+  batches = measure.real_batches(base, 8)
+  params = measure.trained_params(path, base)
+  r = {'real_params': path}
+  for skip, suffix in ((True, ''), (False, '_no_skip')):
+    train_ms, infer_ms = {}, {}
+    for n in (3, 10):
+      config = _config(model_max_steps=n, model_skip_finished=skip)
+      times = measure.train_step_times(
+        config, plan.blocks, plan.per_block, batches, params
+      )
+      infer = measure.infer_times(config, 64, plan.blocks, 8, batches, params)
+      train_ms[str(n)] = 1000 * float(np.median(times.seconds_per_step))
+      infer_ms[str(n)] = float(np.median(infer.ms_per_image))
+      print(
+        f'real canvases, max_steps {n}, skip {skip}: train '
+        f'{train_ms[str(n)]:.1f} ms/step, infer {infer_ms[str(n)]:.4f} '
+        'ms/image',
+        flush=True,
+      )
+    r[f'train_ms_per_step_real_by_max_steps{suffix}'] = train_ms
+    r[f'infer_ms_per_image_real_by_max_steps{suffix}'] = infer_ms
+  return r
+
+
 def main(argv):
   del argv
-  results = measure_all(_Plan(_QUICK.value), _RSS.value)
+  results = measure_all(_Plan(_QUICK.value), _RSS.value, _REAL_PARAMS.value)
   output = os.path.abspath(_OUTPUT.value)
   os.makedirs(os.path.dirname(output), exist_ok=True)
   with open(output, 'w') as f:
@@ -246,15 +318,20 @@ def max_steps_png(r) -> np.ndarray:
   """[H, W, 3] uint8: train ms/step and inference ms/image (batch 64)
   against max_steps, side by side."""
   panels = []
-  for key, title, colour in (
-    ('train_ms_per_step_by_max_steps', 'train ms/step (batch 64)', 0),
-    ('infer_ms_per_image_by_max_steps', 'inference ms/image (batch 64)', 2),
+  for key, title in (
+    ('train_ms_per_step_by_max_steps', 'train ms/step (batch 64)'),
+    ('infer_ms_per_image_by_max_steps', 'inference ms/image (batch 64)'),
   ):
-    points = np.array(_by_size(r[key]), float)
-    series = (points[:, 0], points[:, 1], visualization.STEP_COLOURS[colour])
-    panels.append(
-      visualization._panel([(*series, r['date'])], title, 'max_steps')
-    )
+    series = []
+    for suffix, colour, name in (
+      ('', 0, 'default (50x50, AIR)'),
+      ('_many', 2, 'many (48x48, DAIR)'),
+    ):
+      if key + suffix in r:
+        points = np.array(_by_size(r[key + suffix]), float)
+        colour = visualization.STEP_COLOURS[colour]
+        series.append((points[:, 0], points[:, 1], colour, name))
+    panels.append(visualization._panel(series, title, 'max_steps'))
   return np.concatenate(panels, axis=1)
 
 
@@ -335,6 +412,35 @@ def format_table(r) -> str:
       _series('train ms/step', train_ms, '.1f'),
       _series('infer ms/image', r['infer_ms_per_image_by_max_steps'], '.4f'),
     ]
+  if 'train_ms_per_step_by_max_steps_many' in r:
+    train_ms = r['train_ms_per_step_by_max_steps_many']
+    out += [
+      'crowded config (configs/many.py), cost against max_steps (batch 64):',
+      _header('max_steps', train_ms),
+      _series('train ms/step', train_ms, '.1f'),
+      _series(
+        'infer ms/image', r['infer_ms_per_image_by_max_steps_many'], '.4f'
+      ),
+    ]
+  if 'train_ms_per_step_real_by_max_steps' in r:
+    out.append(
+      f'real canvases (0-2 digits), parameters of {r["real_params"]}, batch 64:'
+    )
+    out.append(_header('max_steps', r['train_ms_per_step_real_by_max_steps']))
+    for suffix, what in (('', 'skipped'), ('_no_skip', 'computed')):
+      out += [
+        _series(
+          f'train ms/step ({what})',
+          r[f'train_ms_per_step_real_by_max_steps{suffix}'],
+          '.1f',
+        ),
+        _series(
+          f'infer ms/image ({what})',
+          r[f'infer_ms_per_image_real_by_max_steps{suffix}'],
+          '.4f',
+        ),
+      ]
+    out.append('  (skipped / computed: the steps after every example stopped)')
   if 'train_images_per_s_by_batch' in r:
     family = r['train_images_per_s_by_batch']
     out += [

@@ -159,6 +159,56 @@ def test_unrolling_and_fewer_steps_do_not_change_the_math(difference):
     )
 
 
+@pytest.mark.parametrize('difference', [False, True])
+def test_skipping_finished_steps_changes_neither_loss_nor_gradients(difference):
+  """Once every example has stopped, `skip_finished` skips the step's work:
+  the present objects, the canvas, the loss and every gradient equal those
+  of the model that computes all N steps, in sampled and mode passes."""
+  config = objectives.LossConfig()
+  kwargs = dict(SMALL, max_steps=5, difference=difference, unroll=1)
+  skipping = air.AIR(**kwargs)
+  computing = air.AIR(**kwargs, skip_finished=False)
+  images = jax.random.uniform(jax.random.key(20), (6, 20, 20))
+  keys = jax.random.split(jax.random.key(21), 6)
+  params = air.init_params(skipping, 0)
+  # q(z_pres) near its lower bound: every example stops within 2-3 steps.
+  head = params['cell']['z_pres_head']
+  head['bias'] = head['bias'] - 5.0
+
+  def loss(p, model):
+    out = model.apply({'params': p}, images, keys=keys)
+    value, _ = objectives.air_loss(
+      out, images, config, 100, objectives.SignalMoments.create()
+    )
+    return value, out
+
+  value_and_grad = jax.jit(
+    jax.value_and_grad(loss, has_aux=True), static_argnums=1
+  )
+  (value, out), grads = value_and_grad(params, skipping)
+  (ref_value, ref), ref_grads = value_and_grad(params, computing)
+  # The batch stopped early (else nothing was skipped), and the skipped
+  # steps hold the placeholder (q = 0) where the full model computed q.
+  last = int(jnp.max(jnp.sum(ref.mask, axis=1)))
+  assert last < 5
+  assert np.all(np.asarray(out.z_pres_prob)[:, last:] == 0)
+  assert np.all(np.asarray(ref.z_pres_prob)[:, last:] > 0)
+  np.testing.assert_array_equal(out.z_pres, ref.z_pres)
+  np.testing.assert_array_equal(out.mask, ref.mask)
+  present = np.asarray(ref.z_pres)[..., None]
+  for name in ('z_where', 'z_what'):
+    np.testing.assert_allclose(
+      getattr(out, name) * present, getattr(ref, name) * present, atol=1e-6
+    )
+  np.testing.assert_allclose(out.canvas, ref.canvas, atol=1e-6)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+  modes = air.posterior_modes(skipping, params, images)
+  ref_modes = air.posterior_modes(computing, params, images)
+  np.testing.assert_array_equal(modes.z_pres, ref_modes.z_pres)
+  np.testing.assert_allclose(modes.canvas, ref_modes.canvas, atol=1e-6)
+
+
 def test_deterministic_mode_uses_posterior_modes():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(10), (8, 20, 20))
@@ -331,8 +381,14 @@ def _with_z_where_head(params, bias):
 @pytest.mark.parametrize('difference', [False, True])
 def test_z_where_scale_range_bounds_the_scale_mean(difference):
   lo, hi = 1.2, 4.0
-  model = air.AIR(**SMALL, difference=difference, z_where_scale_range=(lo, hi))
-  free = air.AIR(**SMALL, difference=difference)
+  # Every step computed: the test reads the scale of all N steps.
+  model = air.AIR(
+    **SMALL,
+    difference=difference,
+    z_where_scale_range=(lo, hi),
+    skip_finished=False,
+  )
+  free = air.AIR(**SMALL, difference=difference, skip_finished=False)
   images = jax.random.uniform(jax.random.key(14), (4, 20, 20))
   params = _init(model, images)
 

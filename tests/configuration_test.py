@@ -11,6 +11,7 @@ from air_jax import distributions
 from air_jax import objectives
 from air_jax.configs import dair
 from air_jax.configs import default
+from air_jax.configs import many
 from air_jax.configs import test as tiny
 
 
@@ -42,7 +43,7 @@ def _rejection(config) -> str:
   return message
 
 
-@pytest.mark.parametrize('module', [default, dair, tiny])
+@pytest.mark.parametrize('module', [default, dair, many, tiny])
 def test_shipped_configs_validate(module):
   configuration.validate(module.get_config())
 
@@ -205,6 +206,16 @@ def test_create_model_of_the_default_is_the_default_model():
     32,
     8,
     16,
+  )
+  crowded = configuration.create_model(many.get_config())
+  assert crowded == air.AIR(
+    image_size=(48, 48),
+    window_size=(14, 14),
+    max_steps=10,
+    difference=True,
+    z_where_prior_loc=(4.0, 0.0, 0.0),
+    z_where_prior_scale=(0.3, 1.0, 1.0),
+    z_where_scale_range=(3.0, 6.0),
   )
   # Sequences become tuples of floats (hashable: the model is static).
   assert small.z_where_prior_loc == (2.5, 0.0, 0.0)

@@ -71,6 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
   # lax.scan unroll of the recurrence (speed only; 0 unrolls it fully, which
   # measured 1.05-1.3x faster than 1 on CPU and GPU).
   config.model.unroll = 0
+  # Skip a step's work once every example of the batch has stopped
+  # (lax.cond): a forward pass costs the steps its objects need, not
+  # max_steps (the reverse pass still pays for them; RESULTS.md). Speed only
+  # (same loss and gradients). On a GPU a cond may need the host to read its
+  # predicate each step, so False may be faster there (not measured).
+  config.model.skip_finished = True
 
   # Per-step prior p of z_pres: a schedule (kind 'constant', 'exponential'
   # (log-linear) or 'linear' from init at step 0 to final at anneal_steps).
