@@ -149,26 +149,22 @@ def measure_all(plan: _Plan, rss: bool, real_params: str) -> dict:
     flush=True,
   )
 
-  train_ms, infer_ms = {}, {}
-  for n in plan.max_steps:
-    config = _config(model_max_steps=n)
-    times = measure.train_step_times(config, plan.blocks, plan.per_block)
-    infer = measure.infer_times(config, 64, plan.blocks, 10)
-    if n == base.model.max_steps:
+  for module, suffix in ((default, ''), (many, '_many')):
+    timings = _cost_by_max_steps(plan, module)
+    if module is default:
+      times, infer = timings[str(base.model.max_steps)]
       headline_train += times.seconds_per_step
       headline_infer += infer.ms_per_image
       r['infer_mflop_per_image'] = infer.mflop_per_image
-    train_ms[str(n)] = 1000 * float(np.median(times.seconds_per_step))
-    infer_ms[str(n)] = float(np.median(infer.ms_per_image))
-    r[f'train_ms_per_step_max_steps{n}'] = train_ms[str(n)]
-    print(
-      f'max_steps {n}: train {train_ms[str(n)]:.1f} ms/step, infer '
-      f'{infer_ms[str(n)]:.4f} ms/image',
-      flush=True,
-    )
-  r['train_ms_per_step_by_max_steps'] = train_ms
-  r['infer_ms_per_image_by_max_steps'] = infer_ms
-  r.update(_crowded_cost(plan))
+    r[f'train_ms_per_step_by_max_steps{suffix}'] = {
+      n: 1000 * float(np.median(t.seconds_per_step))
+      for n, (t, _) in timings.items()
+    }
+    r[f'infer_ms_per_image_by_max_steps{suffix}'] = {
+      n: float(np.median(i.ms_per_image)) for n, (_, i) in timings.items()
+    }
+  for n, ms in r['train_ms_per_step_by_max_steps'].items():
+    r[f'train_ms_per_step_max_steps{n}'] = ms
   r.update(_real_cost(plan, base, real_params))
 
   # A sweep as train_sweep runs it here (one vmapped program on an
@@ -243,25 +239,22 @@ def measure_all(plan: _Plan, rss: bool, real_params: str) -> dict:
   return r
 
 
-def _crowded_cost(plan: _Plan) -> dict:
-  """Train ms/step and inference ms/image (batch 64, random images) of the
-  crowded config against max_steps."""
-  train_ms, infer_ms = {}, {}
+def _cost_by_max_steps(plan: _Plan, module) -> dict:
+  """{'<max_steps>': (TrainTiming, InferTiming)} of a shipped config (batch
+  64, random images, every step computed) for each of plan.max_steps."""
+  timings = {}
   for n in plan.max_steps:
-    config = _config(many, model_max_steps=n)
+    config = _config(module, model_max_steps=n)
     times = measure.train_step_times(config, plan.blocks, plan.per_block)
     infer = measure.infer_times(config, 64, plan.blocks, 10)
-    train_ms[str(n)] = 1000 * float(np.median(times.seconds_per_step))
-    infer_ms[str(n)] = float(np.median(infer.ms_per_image))
+    timings[str(n)] = (times, infer)
     print(
-      f'many, max_steps {n}: train {train_ms[str(n)]:.1f} ms/step, infer '
-      f'{infer_ms[str(n)]:.4f} ms/image',
+      f'{module.__name__.rsplit(".", 1)[-1]}, max_steps {n}: train '
+      f'{1000 * np.median(times.seconds_per_step):.1f} ms/step, infer '
+      f'{np.median(infer.ms_per_image):.4f} ms/image',
       flush=True,
     )
-  return {
-    'train_ms_per_step_by_max_steps_many': train_ms,
-    'infer_ms_per_image_by_max_steps_many': infer_ms,
-  }
+  return timings
 
 
 def _real_cost(plan: _Plan, base, path: str) -> dict:
@@ -404,24 +397,19 @@ def format_table(r) -> str:
         ),
       ]
     out.append(f'  (one run alone: {one:.0f}, the {k}-step function above)')
-  if 'train_ms_per_step_by_max_steps' in r:
-    train_ms = r['train_ms_per_step_by_max_steps']
-    out += [
-      'cost against max_steps (batch 64):',
-      _header('max_steps', train_ms),
-      _series('train ms/step', train_ms, '.1f'),
-      _series('infer ms/image', r['infer_ms_per_image_by_max_steps'], '.4f'),
-    ]
-  if 'train_ms_per_step_by_max_steps_many' in r:
-    train_ms = r['train_ms_per_step_by_max_steps_many']
-    out += [
-      'crowded config (configs/many.py), cost against max_steps (batch 64):',
-      _header('max_steps', train_ms),
-      _series('train ms/step', train_ms, '.1f'),
-      _series(
-        'infer ms/image', r['infer_ms_per_image_by_max_steps_many'], '.4f'
-      ),
-    ]
+  for suffix, what in (
+    ('', ''),
+    ('_many', 'crowded config (configs/many.py), '),
+  ):
+    if f'train_ms_per_step_by_max_steps{suffix}' in r:
+      train_ms = r[f'train_ms_per_step_by_max_steps{suffix}']
+      infer_ms = r[f'infer_ms_per_image_by_max_steps{suffix}']
+      out += [
+        f'{what}cost against max_steps (batch 64):',
+        _header('max_steps', train_ms),
+        _series('train ms/step', train_ms, '.1f'),
+        _series('infer ms/image', infer_ms, '.4f'),
+      ]
   if 'train_ms_per_step_real_by_max_steps' in r:
     out.append(
       f'real canvases (0-2 digits), parameters of {r["real_params"]}, batch 64:'
