@@ -655,12 +655,23 @@ class _CheckpointManager(ocp.CheckpointManager):
       raise
 
   def _remove_partial(self, step) -> None:
+    """Removes the failed save's temp folder. Writer threads of the failed
+    save can still create folders in it for a moment after the error, so
+    it is removed until it has stayed absent for 0.2 s (at most 3 s)."""
     directory = os.fspath(self.directory)
     prefix = f'{step}.orbax-checkpoint-tmp'
-    with contextlib.suppress(OSError):
-      for name in os.listdir(directory):
-        if name.startswith(prefix):
-          shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+    def leftovers():
+      with contextlib.suppress(OSError):
+        return [n for n in os.listdir(directory) if n.startswith(prefix)]
+      return []
+
+    for _ in range(15):
+      for name in leftovers():
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      time.sleep(0.2)
+      if not leftovers():
+        return
 
 
 def checkpoint_manager(
