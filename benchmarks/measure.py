@@ -74,6 +74,24 @@ def _random_images(batch: int, config: ml_collections.ConfigDict) -> jax.Array:
   return jnp.asarray(rng.random(shape, np.float32))
 
 
+def _batch_cycle(
+  batches: np.ndarray | None, batch: int, config: ml_collections.ConfigDict
+):
+  """(the first batch, a function giving the next batch in turn) of
+  `batches` [M, batch, H, W] in [0, 1] on the device, or of one batch of
+  random images when it is None."""
+  if batches is None:
+    batches = _random_images(batch, config)[None]
+  batches = jnp.asarray(batches, jnp.float32)
+  calls = [0]
+
+  def next_batch() -> jax.Array:
+    calls[0] += 1
+    return batches[calls[0] % len(batches)]
+
+  return batches[0], next_batch
+
+
 def _flops(compiled) -> float:
   """XLA's FLOP count of a compiled function (NaN if it has none)."""
   cost = compiled.cost_analysis()
@@ -132,19 +150,15 @@ def train_step_times(
     )
 
   step = jax.jit(counted, donate_argnums=(0,))
-  if batches is None:
-    batches = _random_images(config.batch_size, config)[None]
-  batches = jnp.asarray(batches, jnp.float32)
-  images = batches[0]
+  images, next_batch = _batch_cycle(batches, config.batch_size, config)
   t = time.perf_counter()
   state, metrics = step(state, images)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t
-  holder, calls = [state], [0]
+  holder = [state]
 
   def one():
-    calls[0] += 1
-    holder[0], m = step(holder[0], batches[calls[0] % len(batches)])
+    holder[0], m = step(holder[0], next_batch())
     jax.block_until_ready(m)
 
   time_blocks(one, 1, 3)  # Warm-up.
@@ -182,18 +196,13 @@ def infer_times(
   if params is None:
     params = air.init_params(model, config.seed)
   apply = evaluation.inference_pass(model)
-  if batches is None:
-    batches = _random_images(batch, config)[None]
-  batches = jnp.asarray(batches, jnp.float32)
-  jax.block_until_ready(apply(params, batches[0]))
-  calls = [0]
-
-  def one():
-    calls[0] += 1
-    jax.block_until_ready(apply(params, batches[calls[0] % len(batches)]))
-
-  images = batches[0]
-  times = time_blocks(one, num_blocks, per_block)
+  images, next_batch = _batch_cycle(batches, batch, config)
+  jax.block_until_ready(apply(params, images))
+  times = time_blocks(
+    lambda: jax.block_until_ready(apply(params, next_batch())),
+    num_blocks,
+    per_block,
+  )
   flops = _flops(apply.lower(params, images).compile())
   return InferTiming([1000 * t / batch for t in times], flops / 1e6 / batch)
 
@@ -476,6 +485,18 @@ class LoopTiming(NamedTuple):
   timed_steps: int
 
 
+def _no_periodic_work(num_train_steps: int, **more) -> dict:
+  """Config overrides for a timed training subprocess: `num_train_steps`,
+  evaluation, pictures and checkpoints pushed beyond the run, and `more`."""
+  return {
+    'num_train_steps': num_train_steps,
+    'eval_every_steps': FAR,
+    'image_every_steps': FAR,
+    'checkpoint_every_steps': FAR,
+    **more,
+  }
+
+
 def loop_images_per_s(
   config: ml_collections.ConfigDict, num_steps: int
 ) -> LoopTiming:
@@ -489,15 +510,12 @@ def loop_images_per_s(
   final step evaluates, but after its log line is stamped.
   """
   workdir = tempfile.mkdtemp(prefix='air_bench_loop_')
-  overrides = {
-    'num_train_steps': num_steps,
-    'eval_every_steps': FAR,
-    'image_every_steps': FAR,
-    'checkpoint_every_steps': FAR,
-    'eval_max_examples': _FINAL_EVAL_EXAMPLES,
+  overrides = _no_periodic_work(
+    num_steps,
+    eval_max_examples=_FINAL_EVAL_EXAMPLES,
     # As the step it is compared with.
-    'model.skip_finished': config.model.skip_finished,
-  }
+    **{'model.skip_finished': config.model.skip_finished},
+  )
   try:
     _run_training(_train_args(workdir, overrides), 'loop training run')
     records = _train_records(workdir)
@@ -527,14 +545,9 @@ def startup_seconds(
   must be built already (`prepare_dataset`), so building is not counted.
   """
   k = config.steps_per_dispatch
-  overrides = {
-    'num_train_steps': k,
-    'log_every_steps': k,
-    'eval_every_steps': FAR,
-    'image_every_steps': FAR,
-    'checkpoint_every_steps': FAR,
-    'eval_max_examples': _FINAL_EVAL_EXAMPLES,
-  }
+  overrides = _no_periodic_work(
+    k, log_every_steps=k, eval_max_examples=_FINAL_EVAL_EXAMPLES
+  )
   root = tempfile.mkdtemp(prefix='air_bench_startup_')
   cache = os.path.join(root, 'cache')
   seconds = []
@@ -576,12 +589,7 @@ def peak_rss_mib_of_training(num_steps: int = 300) -> float:
   as a first run does, whatever the state of the user's cache.
   """
   workdir = tempfile.mkdtemp(prefix='air_bench_rss_')
-  overrides = {
-    'num_train_steps': num_steps,
-    'eval_every_steps': FAR,
-    'image_every_steps': FAR,
-    'checkpoint_every_steps': FAR,
-  }
+  overrides = _no_periodic_work(num_steps)
   try:
     proc = subprocess.run(
       [sys.executable, '-c', _RSS_CHILD, *_train_args(workdir, overrides)],
