@@ -13,12 +13,14 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import ml_collections
 
 from air_jax import checkpointing
 from air_jax import configuration
 from air_jax import files
 from air_jax import inference
+from air_jax import writers
 from air_jax.configs import NAMES
 from air_jax.configs import default
 from air_jax.configs import path as config_path
@@ -59,6 +61,15 @@ def fail(message: str, code: int = 1) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stderr.fileno())
   sys.exit(code)
+
+
+def start_quiet(argv: list[str]) -> None:
+  """The start of a program whose output is a file or a table: no positional
+  arguments, and only warnings and errors logged (ours and the libraries')."""
+  if len(argv) > 1:
+    fail(f'unexpected arguments {argv[1:]}.')
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  writers.quiet_library_logs()
 
 
 def describe_os_error(e: OSError) -> str:

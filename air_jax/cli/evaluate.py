@@ -18,12 +18,10 @@ with one warning line naming the step used.
 import os
 
 from absl import flags
-from absl import logging
 
 from air_jax import checkpointing
 from air_jax import cli
 from air_jax import evaluation
-from air_jax import writers
 from air_jax.datasets.multi_mnist import multi_mnist
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
@@ -114,10 +112,7 @@ def evaluate(
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}.')
-  logging.set_verbosity(logging.WARNING)  # The output is the report.
-  writers.quiet_library_logs()
+  cli.start_quiet(argv)  # The output is the report.
   report = evaluate(
     _CHECKPOINT.value,
     _OUTPUT.value,

@@ -11,12 +11,10 @@ atomically); never the checkpoint itself or a folder inside its checkpoints/.
 import os
 
 from absl import flags
-from absl import logging
 
 from air_jax import checkpointing
 from air_jax import cli
 from air_jax import files
-from air_jax import writers
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'A training workdir.')
 _OUTPUT = cli.define_string('output', None, 'Directory to write.')
@@ -52,11 +50,8 @@ def check_paths(checkpoint: str | None, output: str | None) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}.')
+  cli.start_quiet(argv)
   check_paths(_CHECKPOINT.value, _OUTPUT.value)
-  logging.set_verbosity(logging.WARNING)
-  writers.quiet_library_logs()
   with cli.one_line_errors():
     config, _, params = checkpointing.load_model(_CHECKPOINT.value, _STEP.value)
     checkpointing.save_params(params, _OUTPUT.value, config)

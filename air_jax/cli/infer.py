@@ -17,13 +17,11 @@ folder, or one holding only an earlier run's pictures (then replaced).
 """
 
 from absl import flags
-from absl import logging
 
 from air_jax import checkpointing
 from air_jax import cli
 from air_jax import files
 from air_jax import inference
-from air_jax import writers
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
 _IMAGES = cli.define_string(
@@ -86,10 +84,7 @@ def infer(
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}.')
-  logging.set_verbosity(logging.WARNING)  # The output is the JSON.
-  writers.quiet_library_logs()
+  cli.start_quiet(argv)  # The output is the JSON.
   records = infer(
     _CHECKPOINT.value,
     _IMAGES.value,
