@@ -116,21 +116,7 @@ def test_binary_on_npz_and_png_folder(export_dir, images, tmp_path):
   'case', ['shape', 'dtype', 'nan', 'range', 'empty', 'no_key']
 )
 def test_bad_images_are_refused(export_dir, tmp_path, case):
-  path = tmp_path / 'bad.npz'
-  good = np.zeros((2, 50, 50), np.float32)
-  if case == 'shape':
-    np.savez(path, images=np.zeros((2, 40, 50), np.float32))
-  elif case == 'dtype':
-    np.savez(path, images=good.astype(np.int64))
-  elif case == 'nan':
-    good[0, 0, 0] = np.nan
-    np.savez(path, images=good)
-  elif case == 'range':
-    np.savez(path, images=good + 1.5)
-  elif case == 'empty':
-    path.write_bytes(b'')
-  elif case == 'no_key':
-    np.savez(path, pixels=good)
+  path = helpers.bad_images(case, tmp_path, (50, 50))
   with pytest.raises(inference.InputError):
     inference.load_images(str(path))
   out = tmp_path / 'out.json'

@@ -7,16 +7,12 @@ exactly one line there too (JAX, orbax and absl stay quiet).
 """
 
 import hashlib
-import io
 import json
 import os
 import pathlib
 import shutil
-import struct
 import subprocess
 import sys
-import zipfile
-import zlib
 
 import flax.serialization
 import jax
@@ -149,92 +145,9 @@ def work(tmp_path, originals, shape):
 # --- PNG and array readers -------------------------------------------------
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-  crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-  return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', crc)
-
-
-def _pack(values, depth: int) -> bytes:
-  values = [int(v) for v in values]
-  if depth == 16:
-    return b''.join(struct.pack('>H', v) for v in values)
-  if depth == 8:
-    return bytes(values)
-  bits = ''.join(format(v, f'0{depth}b') for v in values)
-  bits += '0' * (-len(bits) % 8)
-  return bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
-
-
-def png_bytes(rows, depth, colour, width=None, height=None, extra=b''):
-  """A PNG written by hand (any bit depth and colour type, even those PIL
-  does not write). rows: [H, W * channels] sample values; width and height
-  override the header's claim."""
-  channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
-  width = len(rows[0]) // channels if width is None else width
-  height = len(rows) if height is None else height
-  ihdr = struct.pack('>IIBBBBB', width, height, depth, colour, 0, 0, 0)
-  raw = b''.join(b'\0' + _pack(r, depth) for r in rows)
-  return (
-    b'\x89PNG\r\n\x1a\n'
-    + _chunk(b'IHDR', ihdr)
-    + extra
-    + _chunk(b'IDAT', zlib.compress(raw))
-    + _chunk(b'IEND', b'')
-  )
-
-
-def _png_cases(h, w):
-  """{name: (PNG bytes, exact [H, W] floats or None if it must be
-  refused)}."""
-  rng = np.random.default_rng(1)
-  cases = {}
-  for depth in (1, 2, 4, 8, 16):
-    v = rng.integers(0, 2**depth, (h, w))
-    cases[f'grey{depth}'] = (png_bytes(v, depth, 0), v / (2**depth - 1))
-  v = rng.integers(0, 256, (h, w))
-  opaque = np.full((h, w), 255)
-  cases['rgb_grey'] = (png_bytes(np.repeat(v, 3, 1), 8, 2), v / 255)
-  cases['rgba_opaque_grey'] = (
-    png_bytes(np.stack([v, v, v, opaque], -1).reshape(h, -1), 8, 6),
-    v / 255,
-  )
-  cases['la_opaque'] = (
-    png_bytes(np.stack([v, opaque], -1).reshape(h, -1), 8, 4),
-    v / 255,
-  )
-  grey_palette = _chunk(b'PLTE', bytes(np.repeat(np.arange(16), 3).tolist()))
-  p = rng.integers(0, 16, (h, w))
-  cases['palette_grey'] = (png_bytes(p, 4, 3, extra=grey_palette), p / 255)
-  # Refused: colour, transparency, 16-bit colour (PIL would drop 8 bits).
-  colour = rng.integers(0, 256, (h, w * 3))
-  cases['rgb_colour'] = (png_bytes(colour, 8, 2), None)
-  cases['rgba_transparent'] = (
-    png_bytes(np.stack([v, v, v, opaque // 2], -1).reshape(h, -1), 8, 6),
-    None,
-  )
-  cases['la_transparent'] = (
-    png_bytes(np.stack([v, 0 * opaque], -1).reshape(h, -1), 8, 4),
-    None,
-  )
-  cases['rgb16'] = (png_bytes(np.repeat(v * 257, 3, 1), 16, 2), None)
-  colour_palette = _chunk(
-    b'PLTE', bytes(sum(([i, 0, 255 - i] for i in range(16)), []))
-  )
-  cases['palette_colour'] = (png_bytes(p, 4, 3, extra=colour_palette), None)
-  cases['palette_transparent'] = (
-    png_bytes(p, 4, 3, extra=grey_palette + _chunk(b'tRNS', bytes(16))),
-    None,
-  )
-  good = png_bytes(v, 8, 0)
-  cases['truncated'] = (good[: len(good) - 40], None)
-  cases['bad_crc'] = (good[:40] + bytes([good[40] ^ 0xFF]) + good[41:], None)
-  cases['wrong_size'] = (png_bytes(np.zeros((h, w + 1)), 8, 0), None)
-  return cases
-
-
 def test_png_bit_depths_and_layouts_are_exact_or_refused(tmp_path, shape):
   h, w = shape
-  for name, (data, want) in _png_cases(h, w).items():
+  for name, (data, want) in helpers.png_cases(h, w).items():
     path = tmp_path / f'{name}.png'
     path.write_bytes(data)
     if want is None:
@@ -250,102 +163,12 @@ def test_png_size_claims_are_refused_before_decoding(
 ):
   path = tmp_path / 'huge.png'
   # A header claiming 10^6 x 10^6 pixels (a terabyte), with a tiny body.
-  path.write_bytes(png_bytes([[0]], 8, 0, width=10**6, height=10**6))
+  path.write_bytes(helpers.png_bytes([[0]], 8, 0, width=10**6, height=10**6))
   monkeypatch.setattr(
     Image, 'open', lambda *a, **k: pytest.fail('decoded a refused PNG')
   )
   with pytest.raises(inference.InputError, match='1000000x1000000'):
     inference.load_images(str(path), shape)
-
-
-class _Marker:
-  """Unpickling this touches a file: proof that something was unpickled."""
-
-  def __init__(self, path):
-    self.path = pathlib.Path(path)
-
-  def __reduce__(self):
-    return (pathlib.Path.touch, (self.path,))
-
-
-def _forged_npy(shape_claim, dtype='|u1') -> bytes:
-  header = {'descr': dtype, 'fortran_order': False, 'shape': shape_claim}
-  buffer = io.BytesIO()
-  np.lib.format.write_array_header_1_0(buffer, header)
-  return buffer.getvalue() + b'\0' * 64
-
-
-def _bad_images(case, directory, shape):
-  """Writes one kind of bad --images input; returns its path."""
-  h, w = shape
-  good = np.zeros((2, h, w), np.float32)
-  path = directory / f'{case}.npz'
-  marker = directory / 'UNPICKLED'
-  if case == 'missing':
-    path = directory / 'nowhere.npz'
-  elif case == 'empty':
-    path.write_bytes(b'')
-  elif case == 'shape':
-    np.savez(path, images=np.zeros((2, h - 1, w), np.float32))
-  elif case == 'dtype':
-    np.savez(path, images=good.astype(np.int64))
-  elif case == 'nan':
-    good[0, 0, 0] = np.nan
-    np.savez(path, images=good)
-  elif case == 'range':
-    np.savez(path, images=good + 1.5)
-  elif case == 'no_key':
-    np.savez(path, pixels=good)
-  elif case == 'no_images':
-    np.savez(path, images=np.zeros((0, h, w), np.uint8))
-  elif case == 'object_npz':
-    array = np.empty((1, h, w), object)
-    array[0, 0, 0] = _Marker(marker)
-    np.savez(path, images=array)
-  elif case == 'object_npy':
-    path = directory / 'object.npy'
-    array = np.empty((1, h, w), object)
-    array[0, 0, 0] = _Marker(marker)
-    np.save(path, array)
-  elif case == 'huge_npy':
-    path = directory / 'huge.npy'
-    path.write_bytes(_forged_npy((10**9, h, w)))
-  elif case == 'huge_npz':
-    with zipfile.ZipFile(path, 'w') as archive:
-      archive.writestr('images.npy', _forged_npy((10**9, h, w)))
-  elif case == 'truncated_npy':
-    path = directory / 'truncated.npy'
-    buffer = io.BytesIO()
-    np.save(buffer, np.zeros((4, h, w), np.uint8))
-    path.write_bytes(buffer.getvalue()[:-100])
-  elif case == 'truncated_npz':
-    np.savez_compressed(path, images=np.ones((4, h, w), np.uint8))
-    path.write_bytes(path.read_bytes()[:-60])
-  elif case == 'garbage_npz':
-    path.write_bytes(b'PK\x03\x04' + bytes(range(256)) * 4)
-  elif case == 'not_an_array':
-    path.write_text('hello')
-  elif case == 'png_folder_empty':
-    path = directory / 'no_pngs'
-    path.mkdir()
-    (path / 'readme.txt').write_text('no pictures here')
-  elif case == 'png_folder_mixed_sizes':
-    path = directory / 'pngs'
-    path.mkdir()
-    Image.fromarray(np.zeros((h, w), np.uint8)).save(path / 'a.png')
-    Image.fromarray(np.zeros((h, w + 2), np.uint8)).save(path / 'b.png')
-  elif case == 'png_colour':
-    path = directory / 'colour.png'
-    path.write_bytes(_png_cases(h, w)['rgb_colour'][0])
-  elif case == 'png_huge_claim':
-    path = directory / 'huge.png'
-    path.write_bytes(png_bytes([[0]], 8, 0, width=10**6, height=10**6))
-  elif case == 'fifo':
-    path = directory / 'fifo.npy'
-    os.mkfifo(path)
-  else:
-    raise ValueError(case)
-  return path
 
 
 BAD_IMAGES = [
@@ -377,7 +200,7 @@ BAD_IMAGES = [
 def test_bad_images_one_line_nothing_written(work, shape, capsys, case):
   bad_dir = work / 'bad'
   bad_dir.mkdir()
-  path = _bad_images(case, bad_dir, shape)
+  path = helpers.bad_images(case, bad_dir, shape)
   before = tree_digest(work)
   out = work / 'out.json'
   pictures = work / 'pictures'
@@ -396,7 +219,7 @@ def test_bad_images_one_line_nothing_written(work, shape, capsys, case):
 
 def test_huge_claims_are_refused_before_allocating(work, shape, monkeypatch):
   for case in ('huge_npy', 'huge_npz'):
-    path = _bad_images(case, work, shape)
+    path = helpers.bad_images(case, work, shape)
     monkeypatch.setattr(
       np.lib.format,
       'read_array',
@@ -569,7 +392,7 @@ def test_json_and_pictures_appear_together(work, capsys, monkeypatch):
 def test_a_failed_run_leaves_an_earlier_output_whole(work, shape, capsys):
   out = work / 'out.json'
   out.write_text('[{"earlier": true}]')
-  bad = _bad_images('nan', work, shape)
+  bad = helpers.bad_images('nan', work, shape)
   refused(capsys, infer.infer, str(work / 'export'), str(bad), str(out))
   assert out.read_text() == '[{"earlier": true}]'
 
@@ -595,7 +418,7 @@ def _binary(checkpoint, images, output):
 
 
 def test_binary_stderr_is_one_line(work, shape):
-  bad = _bad_images('object_npz', work, shape)
+  bad = helpers.bad_images('object_npz', work, shape)
   damage_step(work / 'run', 2)
   images = work / 'images.npz'
   runs = {  # Started together: the machine has few cores to wait on.
