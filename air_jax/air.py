@@ -41,6 +41,8 @@ __all__ = [
   'posterior_modes',
   'sample_z_pres',
   'tight_boxes',
+  'z_pres_probability',
+  'z_where_posterior',
 ]
 
 
@@ -138,6 +140,49 @@ def sample_z_pres(
   else:
     sample = jax.vmap(jax.random.bernoulli)(rng, prob).astype(prob.dtype)
   return sample * mask
+
+
+def z_pres_probability(logit: jax.Array, bound: float = 0.0) -> jax.Array:
+  """q(z_pres = 1) = sigmoid(logit); with bound > 0 the logit is first
+  squashed to (-bound, bound) (bound * tanh(logit / bound)), keeping q away
+  from 0 and 1 so that the score-function estimator keeps exploring."""
+  if bound > 0:
+    logit = bound * jnp.tanh(logit / bound)
+  return nn.sigmoid(logit)
+
+
+def z_where_posterior(
+  raw: jax.Array,
+  prior_loc: jax.Array | tuple[float, float, float],
+  prior_scale: jax.Array | tuple[float, float, float],
+  scale_range: tuple[float, float] | None = None,
+) -> distributions.NormalParams:
+  """q(z_where) from a network's raw output, centred on the prior.
+
+  The mean is `prior_loc` plus the first three outputs, so inference starts
+  at the prior; the std is a softplus of the last three times the prior's.
+  With `scale_range` = (lo, hi) the mean of the scale s is squashed into
+  (lo, hi) by a sigmoid that gives the prior's mean at a raw output of 0.
+
+  Args:
+    raw: [..., 6] network outputs.
+    prior_loc: [..., 3] (broadcastable) prior mean of (s, x, y).
+    prior_scale: [..., 3] (broadcastable) prior std.
+    scale_range: None, or (lo, hi) with lo < prior_loc[..., 0] < hi.
+
+  Returns:
+    NormalParams with [..., 3] fields.
+  """
+  prior_loc = jnp.asarray(prior_loc, jnp.float32)
+  loc = raw[..., :3] + prior_loc
+  if scale_range is not None:
+    lo, hi = scale_range
+    centre = (prior_loc[..., 0] - lo) / (hi - lo)
+    offset = jnp.log(centre) - jnp.log1p(-centre)
+    scale_loc = lo + (hi - lo) * nn.sigmoid(raw[..., 0] + offset)
+    loc = loc.at[..., 0].set(scale_loc)
+  scale = nn.softplus(raw[..., 3:]) * jnp.asarray(prior_scale, jnp.float32)
+  return distributions.NormalParams(loc=loc, scale=scale + 1e-4)
 
 
 class BaselineNetwork(nn.Module):
@@ -261,26 +306,16 @@ class InferenceCell(nn.Module):
     )
     sample_normal = jax.vmap(distributions.sample_normal)
 
-    logit = self.z_pres_head(lstm_state.h)[:, 0]
-    if self.z_pres_logit_bound > 0:
-      bound = self.z_pres_logit_bound
-      logit = bound * jnp.tanh(logit / bound)
-    z_pres_prob = nn.sigmoid(logit)
+    z_pres_prob = z_pres_probability(
+      self.z_pres_head(lstm_state.h)[:, 0], self.z_pres_logit_bound
+    )
     z_pres = sample_z_pres(rng_pres, z_pres_prob, prev_z_pres, deterministic)
 
-    where = self.z_where_head(lstm_state.h)
-    prior_loc = jnp.asarray(self.z_where_prior_loc, jnp.float32)
-    prior_scale = jnp.asarray(self.z_where_prior_scale, jnp.float32)
-    loc = where[:, :3] + prior_loc
-    if self.z_where_scale_range is not None:
-      lo, hi = self.z_where_scale_range
-      centre = (self.z_where_prior_loc[0] - lo) / (hi - lo)
-      offset = jnp.log(centre) - jnp.log1p(-centre)
-      scale_loc = lo + (hi - lo) * nn.sigmoid(where[:, 0] + offset)
-      loc = loc.at[:, 0].set(scale_loc)
-    z_where_q = distributions.NormalParams(
-      loc=loc,
-      scale=nn.softplus(where[:, 3:]) * prior_scale + 1e-4,
+    z_where_q = z_where_posterior(
+      self.z_where_head(lstm_state.h),
+      self.z_where_prior_loc,
+      self.z_where_prior_scale,
+      self.z_where_scale_range,
     )
     z_where = (
       z_where_q.loc if deterministic else sample_normal(rng_where, z_where_q)

@@ -16,11 +16,13 @@ import ml_collections
 
 from air_jax import air
 from air_jax import distributions
+from air_jax import grid
 from air_jax import objectives
 from air_jax.configs import default
 
 __all__ = [
   'ConfigError',
+  'MODEL_KINDS',
   'closest_key',
   'create_model',
   'differences',
@@ -32,7 +34,24 @@ __all__ = [
 ]
 
 # Sizes given as one int (square) or as (height, width).
-_SIZES = ('model.image_size', 'model.window_size')
+_SIZES = ('model.image_size', 'model.window_size', 'model.grid_size')
+MODEL_KINDS = ('air', 'grid')
+# The fields of `config.model` that each kind of model is built from.
+_GRID_FIELDS = (
+  'image_size',
+  'window_size',
+  'grid_size',
+  'grid_features',
+  'grid_max_shift',
+  'z_what_size',
+  'encoder_hidden_size',
+  'decoder_hidden_size',
+  'decoder_output_bias',
+  'z_where_prior_loc',
+  'z_where_prior_scale',
+  'z_pres_logit_bound',
+  'z_where_scale_range',
+)
 _POSITIVE_INTS = (
   'batch_size',
   'num_train_steps',
@@ -52,6 +71,7 @@ _POSITIVE_INTS = (
   'model.decoder_hidden_size',
   'model.baseline_lstm_size',
   'model.baseline_hidden_size',
+  'model.grid_features',
 )
 _POSITIVE_FLOATS = ('learning_rate', 'baseline_learning_rate')
 # Fields whose period must be a multiple of steps_per_dispatch.
@@ -165,7 +185,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = float(fields[name])
     if not (math.isfinite(value) and value > 0):
       raise ConfigError(f'{name} must be finite and > 0, got {value!r}.')
-  for name in ('grad_clip_norm', 'model.unroll', 'eval_max_examples'):
+  for name in (
+    'grad_clip_norm',
+    'model.unroll',
+    'eval_max_examples',
+    'model.grid_max_shift',
+  ):
     value = float(fields[name])
     if not (math.isfinite(value) and value >= 0):
       raise ConfigError(f'{name} must be finite and >= 0, got {value!r}.')
@@ -176,6 +201,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'{name} ({fields[name]}) must be a multiple of steps_per_dispatch '
         f'({k}): logging, evaluation and checkpoints fall between dispatches.'
       )
+  if config.model.kind not in MODEL_KINDS:
+    raise ConfigError(
+      f'model.kind must be one of {MODEL_KINDS}, got {config.model.kind!r}.'
+    )
+  if config.model.kind == 'grid' and (
+    config.model.use_baseline or config.model.difference
+  ):
+    raise ConfigError(
+      "model.kind='grid' needs model.use_baseline=False and "
+      'normalised_baseline=False (its estimator needs no baseline) and '
+      'model.difference=False.'
+    )
   if config.normalised_baseline and not config.model.use_baseline:
     raise ConfigError(
       'normalised_baseline=True needs model.use_baseline=True (set both to '
@@ -273,10 +310,19 @@ def upgrade(raw: dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(merged)
 
 
-def create_model(config: ml_collections.ConfigDict) -> air.AIR:
-  """The AIR module described by `config.model` (field names match AIR's)."""
+def create_model(config: ml_collections.ConfigDict) -> air.AIR | grid.GridAIR:
+  """The module described by `config.model`: air.AIR, or grid.GridAIR when
+  `kind` is 'grid' (field names match the module's attributes)."""
   fields = dict(config.model)
-  for key in ('image_size', 'window_size'):
+  kind = fields.pop('kind')
+  grid_only = ('grid_size', 'grid_features', 'grid_max_shift')
+  if kind == 'grid':
+    fields = {k: fields[k] for k in _GRID_FIELDS}
+  else:
+    fields = {k: v for k, v in fields.items() if k not in grid_only}
+  for key in ('image_size', 'window_size', 'grid_size'):
+    if key not in fields:
+      continue
     if isinstance(fields[key], (tuple, list)):
       fields[key] = tuple(int(v) for v in fields[key])
   for key in (
@@ -286,7 +332,7 @@ def create_model(config: ml_collections.ConfigDict) -> air.AIR:
   ):
     if fields.get(key) is not None:
       fields[key] = tuple(float(v) for v in fields[key])
-  return air.AIR(**fields)
+  return grid.GridAIR(**fields) if kind == 'grid' else air.AIR(**fields)
 
 
 def schedule(config: ml_collections.ConfigDict) -> distributions.Schedule:
@@ -315,6 +361,12 @@ def loss_config(config: ml_collections.ConfigDict) -> objectives.LossConfig:
     likelihood_std=schedule(config.likelihood_std),
     baseline=baseline,
     moments_decay=float(config.moments_decay),
+    estimator='local' if config.model.kind == 'grid' else 'downstream',
+    grid=(
+      air.pair(tuple(config.model.grid_size))
+      if config.model.kind == 'grid'
+      else None
+    ),
   )
 
 

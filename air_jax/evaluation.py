@@ -40,7 +40,9 @@ class EvalResult(NamedTuple):
   Attributes:
     count_accuracy: with posterior modes (z_pres = q > 0.5).
     count_accuracy_sampled: with one posterior sample per image.
-    confusion: [N + 1, N + 1] true (rows) vs inferred (columns) counts, modes.
+    confusion: [C, C] true (rows) vs inferred (columns) counts, modes, with
+      C = min(N, K + 1) + 1 for K object slots in the data (the last column
+      holds every count from C - 1 up).
     elbo: mean single-sample ELBO (analytic KLs).
     iwae: mean importance-weighted bound with `iwae_samples` samples (None
       when not computed).
@@ -143,7 +145,10 @@ def evaluate(
   max_examples: int | None = None,
 ) -> EvalResult:
   """Count accuracy, confusion matrix, ELBO (and IWAE) on a split."""
-  num_classes = model.max_steps + 1
+  # Counts 0..N, but no more columns than the data's object slots need
+  # (a grid model's N is its number of cells): the last column then also
+  # holds every larger count.
+  num_classes = min(model.max_steps, split.boxes.shape[1] + 1) + 1
   if max_examples is not None and max_examples < split.size:
     split = input_pipeline.Split(*(x[:max_examples] for x in split))
   counts, sampled, elbos, iwaes, trues = [], [], [], [], []
@@ -182,7 +187,7 @@ def evaluate(
     count,
     true,
   )
-  # Counts above N cannot occur; true counts above N land in the last row.
+  # Counts from C - 1 up (inferred or true) land in the last column or row.
   return EvalResult(
     count_accuracy=float(np.mean(count == true)),
     count_accuracy_sampled=float(np.mean(np.concatenate(sampled) == true)),

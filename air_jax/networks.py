@@ -19,6 +19,7 @@ __all__ = [
   'LSTM',
   'LSTMState',
   'MLP',
+  'PatchConv',
 ]
 
 
@@ -129,3 +130,57 @@ class GlimpseDecoder(nn.Module):
     h, w = self.window_size
     out = MLP((self.hidden_size, h * w))(z_what)
     return nn.sigmoid(out + self.output_bias).reshape(*z_what.shape[:-1], h, w)
+
+
+def _patches(x: jax.Array, size: tuple[int, int], stride: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H', W', kh * kw * C] patches of a 'SAME' convolution
+  (H' = ceil(H / stride)), ordered as a [kh, kw, C] kernel flattens."""
+  (kh, kw), (_, height, width, _) = size, x.shape
+  out_h, out_w = -(-height // stride), -(-width // stride)
+  pad_h = max((out_h - 1) * stride + kh - height, 0)
+  pad_w = max((out_w - 1) * stride + kw - width, 0)
+  x = jnp.pad(
+    x,
+    (
+      (0, 0),
+      (pad_h // 2, pad_h - pad_h // 2),
+      (pad_w // 2, pad_w - pad_w // 2),
+      (0, 0),
+    ),
+  )
+  rows, cols = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+  return jnp.concatenate(
+    [
+      x[:, i : i + rows : stride, j : j + cols : stride, :]
+      for i in range(kh)
+      for j in range(kw)
+    ],
+    axis=-1,
+  )
+
+
+class PatchConv(nn.Module):
+  """A 2-D convolution with 'SAME' padding, as `nn.Conv`, written as patch
+  extraction and one matmul.
+
+  XLA on CPU runs convolutions inside a `lax.scan` (the training loop runs
+  several steps per dispatch in one) far slower than outside it: the grid
+  encoder's gradient at batch 64 took 1.3 s per step in a scan against
+  42 ms alone; as patches and a matmul, 33 ms in the scan.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw).
+    strides: the same stride along both axes.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, ceil(H / strides), ceil(W / strides), features]."""
+    return nn.Dense(self.features, name='dense')(
+      _patches(x, self.kernel_size, self.strides)
+    )

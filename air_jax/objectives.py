@@ -18,6 +18,13 @@ choice z_pres_t can change, i.e. the likelihood and the costs of steps >= t:
   cost_t = z_pres_t (KL_where_t + KL_what_t) + KL_pres_{t+1}
 (KL_pres_{t+1} is masked by z_pres_t). The analytic KL_pres_t is already an
 expectation over z_pres_t and so is not part of its own signal.
+
+Models whose proposals are independent given the image (`grid.GridAIR`) use
+the 'local' estimator instead (`LossConfig.estimator`): the exact
+expectation over each z_pres_n given the other samples (`local_signal`),
+with the surrogate sum_n (q_n - sg[q_n]) sg[signal_n] and no baseline; with
+a Normal likelihood the continuous latents and the decoder get the same
+expectation over each z_pres_n (`local_object_objective`).
 """
 
 import dataclasses
@@ -28,10 +35,13 @@ import jax.numpy as jnp
 
 from air_jax import air
 from air_jax import distributions
+from air_jax import grid as grid_lib
+from air_jax import spatial_transformer
 
 __all__ = [
   'BASELINES',
   'ELBOTerms',
+  'ESTIMATORS',
   'LIKELIHOODS',
   'LossAux',
   'LossConfig',
@@ -42,6 +52,9 @@ __all__ = [
   'downstream_signal',
   'elbo_terms',
   'log_importance_weight',
+  'local_expectation_surrogate',
+  'local_object_objective',
+  'local_signal',
   'log_likelihood',
   'reinforce_surrogate',
   'step_costs',
@@ -51,6 +64,7 @@ __all__ = [
 
 LIKELIHOODS = ('normal', 'bernoulli')
 BASELINES = ('normalised', 'plain', 'none')
+ESTIMATORS = ('downstream', 'local')
 
 
 class ELBOTerms(NamedTuple):
@@ -103,6 +117,13 @@ class LossConfig:
       units of its running moments), 'plain' (in nats) or 'none' (the
       advantage is the raw signal; the model must have no baseline).
     moments_decay: decay of the running signal moments.
+    estimator: the gradient of the z_pres choices: 'downstream' (the score
+      function with the downstream signal, for sequential models) or
+      'local' (the exact expectation over each z_pres_n given the other
+      samples, `local_signal`; for models whose proposals are independent
+      given the image, such as `grid.GridAIR`; needs baseline 'none').
+    grid: (R, C) of a grid model: proposal n's z_where prior is centred on
+      its cell (`grid.cell_prior`); None: one prior for every step.
   """
 
   z_pres_prior: distributions.Schedule = distributions.Schedule.constant(1e-5)
@@ -114,8 +135,18 @@ class LossConfig:
   )
   baseline: str = 'normalised'
   moments_decay: float = 0.9
+  estimator: str = 'downstream'
+  grid: tuple[int, int] | None = None
 
   def __post_init__(self):
+    if self.estimator not in ESTIMATORS:
+      raise ValueError(
+        f'estimator {self.estimator!r} is not one of {ESTIMATORS}.'
+      )
+    if self.estimator == 'local' and self.baseline != 'none':
+      raise ValueError(
+        "the 'local' estimator uses no baseline; set baseline 'none'."
+      )
     if self.likelihood not in LIKELIHOODS:
       raise ValueError(
         f'likelihood {self.likelihood!r} is not one of {LIKELIHOODS}.'
@@ -138,7 +169,11 @@ class LossConfig:
       )
 
   def z_where_prior(self) -> distributions.NormalParams:
-    """The z_where prior, fields [3]."""
+    """The z_where prior, fields [3] (or [R * C, 3] for a grid model)."""
+    if self.grid is not None:
+      return grid_lib.cell_prior(
+        self.grid, self.z_where_prior_loc, self.z_where_prior_scale
+      )
     return distributions.NormalParams(
       jnp.asarray(self.z_where_prior_loc, jnp.float32),
       jnp.asarray(self.z_where_prior_scale, jnp.float32),
@@ -209,14 +244,140 @@ def elbo_terms(
   ll = log_likelihood(output.canvas, images, likelihood, likelihood_std)
   prior = jnp.asarray(z_pres_prior_prob, jnp.float32)
   kl_pres = output.mask * distributions.bernoulli_kl(output.z_pres_prob, prior)
-  where_q = distributions.NormalParams(output.z_where_loc, output.z_where_scale)
-  what_q = distributions.NormalParams(output.z_what_loc, output.z_what_scale)
-  kl_where = output.z_pres * distributions.normal_kl(where_q, z_where_prior)
-  kl_what = output.z_pres * distributions.normal_kl(
-    what_q, distributions.standard_normal_like(output.z_what_loc)
-  )
+  kl_where, kl_what = _object_kls(output, z_where_prior)
+  kl_where, kl_what = output.z_pres * kl_where, output.z_pres * kl_what
   elbo = ll - jnp.sum(kl_pres + kl_where + kl_what, axis=1)
   return ELBOTerms(ll, kl_pres, kl_where, kl_what, elbo)
+
+
+def _object_kls(
+  output: air.AIROutput, z_where_prior: distributions.NormalParams
+) -> tuple[jax.Array, jax.Array]:
+  """[B, N] KL_where and KL_what of every step, as if its object were
+  present (not multiplied by z_pres)."""
+  where_q = distributions.NormalParams(output.z_where_loc, output.z_where_scale)
+  what_q = distributions.NormalParams(output.z_what_loc, output.z_what_scale)
+  return distributions.normal_kl(where_q, z_where_prior), (
+    distributions.normal_kl(
+      what_q, distributions.standard_normal_like(output.z_what_loc)
+    )
+  )
+
+
+def local_signal(
+  output: air.AIROutput,
+  images: jax.Array,
+  z_where_prior: distributions.NormalParams,
+  likelihood: str = 'normal',
+  likelihood_std: float | jax.Array = 0.3,
+) -> jax.Array:
+  """[B, N] f(z_pres_n = 1) - f(z_pres_n = 0) with every other latent at its
+  sample, where f = log p(x | z) - sum_n z_pres_n (KL_where_n + KL_what_n).
+
+  When the proposals are independent given the image (a grid model), the
+  gradient of E_q[f] through q_n = q(z_pres_n = 1) is exactly
+  E[f(z_pres_n = 1) - f(z_pres_n = 0)] dq_n: this difference, at one sample
+  of the others, is an unbiased estimate with no noise from z_pres_n
+  itself, so no baseline is needed (the local expectation gradient of
+  Titsias and Lazaro-Gredilla, 2015). Each object is drawn alone onto the
+  image to add it to, or take it from, the sampled canvas. Carries no
+  gradient.
+
+  Args:
+    output: AIROutput with independent proposals.
+    images: [B, H, W].
+    z_where_prior: NormalParams, fields [3] or [N, 3].
+    likelihood: see `log_likelihood`.
+    likelihood_std: see `log_likelihood`.
+
+  Returns:
+    [B, N] signals.
+  """
+  output = jax.lax.stop_gradient(output)
+  kl_where, kl_what = _object_kls(output, z_where_prior)
+  if likelihood == 'normal':
+    # ll(c) = -|x - c|^2 / (2 std^2) + const: the difference of adding
+    # O_n to the canvas without it is (<x - C, O_n> + (z_n - 1/2) |O_n|^2)
+    # / std^2 for the sampled canvas C, computed without drawing O_n.
+    dot, sq_norm = spatial_transformer.object_image_products(
+      output.windows, output.z_where, images - output.canvas
+    )
+    delta = (dot + (output.z_pres - 0.5) * sq_norm) / likelihood_std**2
+    return delta - kl_where - kl_what
+  b, n = output.z_pres.shape
+  objects = spatial_transformer.window_to_image(
+    output.windows, output.z_where, images.shape[1:]
+  )  # [B, N, H, W]
+  without = output.canvas[:, None] - output.z_pres[..., None, None] * objects
+  pairs = jnp.concatenate([without + objects, without], axis=0)
+  targets = jnp.broadcast_to(images[:, None], without.shape)
+  ll = log_likelihood(
+    pairs.reshape(2 * b * n, *images.shape[1:]),
+    jnp.concatenate([targets, targets], axis=0).reshape(
+      2 * b * n, *images.shape[1:]
+    ),
+    likelihood,
+    likelihood_std,
+  ).reshape(2, b, n)
+  return ll[0] - ll[1] - kl_where - kl_what
+
+
+def local_expectation_surrogate(
+  z_pres_prob: jax.Array, signal: jax.Array, mask: jax.Array
+) -> jax.Array:
+  """Surrogate of the local expectation gradient: value 0, gradient
+  sum_n mask_n signal_n grad q_n.
+
+  Args:
+    z_pres_prob: [B, N] q(z_pres_n = 1).
+    signal: [B, N] `local_signal` (treated as constant).
+    mask: [B, N] 1 where a choice was made.
+
+  Returns:
+    [B] surrogate terms to add to the objective being maximised.
+  """
+  # REINFORCE's surrogate with q in place of log q.
+  return reinforce_surrogate(z_pres_prob, signal, mask)
+
+
+def local_object_objective(
+  output: air.AIROutput,
+  images: jax.Array,
+  z_where_prior: distributions.NormalParams,
+  likelihood_std: float | jax.Array = 0.3,
+) -> jax.Array:
+  """[B] a surrogate for the continuous latents and the decoder of a model
+  with independent proposals and a Normal likelihood: its gradient is
+  sum_n q_n grad[f](z_pres_n = 1), the exact expectation over each z_pres_n
+  (given the other samples) of the reparameterised gradient of
+  f = log p(x | z) - sum_n z_pres_n (KL_where_n + KL_what_n).
+
+  The sampled ELBO's gradient reaches an object only when its z_pres_n was
+  drawn 1; this one reaches every proposal, weighted by q_n, so the decoder
+  keeps learning what a proposal would draw while few are present (and a
+  grid of proposals does not settle on drawing nothing). Per proposal it is
+  q_n [<x - C_n, O_n> / std^2 - KL_where_n - KL_what_n] with C_n the sampled
+  canvas with O_n present (gradient through O_n only): written as
+  (<x - C, O_n> - (1 - z_n) |O_n|^2 / 2) / std^2. Its value is not the ELBO.
+
+  Args:
+    output: AIROutput with independent proposals.
+    images: [B, H, W].
+    z_where_prior: NormalParams, fields [3] or [N, 3].
+    likelihood_std: the Normal likelihood's std.
+
+  Returns:
+    [B] surrogate values.
+  """
+  residual = jax.lax.stop_gradient(images - output.canvas)
+  dot, sq_norm = spatial_transformer.object_image_products(
+    output.windows, output.z_where, residual
+  )
+  z_pres = jax.lax.stop_gradient(output.z_pres)
+  log_lik = (dot - (1.0 - z_pres) * 0.5 * sq_norm) / likelihood_std**2
+  kl_where, kl_what = _object_kls(output, z_where_prior)
+  q = jax.lax.stop_gradient(output.z_pres_prob)
+  return jnp.sum(q * (log_lik - kl_where - kl_what), axis=1)
 
 
 def downstream_signal(log_lik: jax.Array, step_costs: jax.Array) -> jax.Array:
@@ -356,6 +517,38 @@ def air_loss(
     config.likelihood_std(step),
   )
   mask = output.mask
+  if config.estimator == 'local':
+    signal = local_signal(
+      output,
+      images,
+      config.z_where_prior(),
+      config.likelihood,
+      config.likelihood_std(step),
+    )
+    objective = terms.elbo + local_expectation_surrogate(
+      output.z_pres_prob, signal, mask
+    )
+    if config.likelihood == 'normal':
+      # The same value; the gradient of the continuous latents and the
+      # decoder from every proposal (local_object_objective), that of q_n
+      # from the surrogate and the analytic KL_pres.
+      def gradient_only(x):
+        return x - jax.lax.stop_gradient(x)
+
+      objective = jax.lax.stop_gradient(terms.elbo) + gradient_only(
+        local_object_objective(
+          output, images, config.z_where_prior(), config.likelihood_std(step)
+        )
+        - jnp.sum(terms.kl_pres, axis=1)
+        + local_expectation_surrogate(output.z_pres_prob, signal, mask)
+      )
+    return -jnp.mean(objective), LossAux(
+      terms=terms,
+      signal=signal,
+      advantage=mask * signal,
+      baseline_loss=jnp.zeros(()),
+      signal_sums=SignalSums.of(signal, mask),
+    )
   signal = jax.lax.stop_gradient(
     downstream_signal(terms.log_likelihood, step_costs(terms))
   )

@@ -44,7 +44,9 @@ __all__ = [
   'MIN_SCALE',
   'box_to_z_where',
   'image_to_window',
+  'image_to_windows',
   'interpolation_matrix',
+  'object_image_products',
   'object_boxes',
   'window_to_image',
   'windows_to_canvas',
@@ -155,16 +157,52 @@ def image_to_window(
   """
   lead = _leading_axes(z_where, '[*L, 3]', 1)
   _check_source('images', images, lead, '[*L, H, W, *C]', 2)
-  h, w = _pair(window_size)
   images, z_where = _flatten(images, len(lead)), _flatten(z_where, len(lead))
-  height, width = images.shape[1:3]
-  scale = _safe_scale(z_where[:, 0:1])  # [B, 1]
-  x, y = z_where[:, 1:2], z_where[:, 2:3]
-  rows_u = y + _pixel_centres(h) / scale  # [B, h]
-  cols_u = x + _pixel_centres(w) / scale  # [B, w]
+  rows, cols = _read_matrices(z_where, _pair(window_size), images.shape[1:3])
+  return _unflatten(_apply_separable(rows, images, cols), lead)
+
+
+def image_to_windows(
+  images: jax.Array, z_where: jax.Array, window_size: int | tuple[int, int]
+) -> jax.Array:
+  """Reads N windows from each image (bilinear).
+
+  Equal to `image_to_window` of each image repeated N times, without the
+  copies: per example the rows of all N windows are read in one matmul.
+
+  Args:
+    images: [*L, H, W, *C] images (L may be empty: one image).
+    z_where: [*L, N, 3] (s, x, y) of each window.
+    window_size: h (square window) or (h, w).
+
+  Returns:
+    [*L, N, h, w, *C] windows.
+
+  Raises:
+    ValueError: if z_where is not [*L, N, 3] or images does not start with
+      L followed by at least two axes.
+  """
+  lead = _leading_axes(z_where, '[*L, N, 3]', 2)
+  _check_source('images', images, lead, '[*L, H, W, *C]', 2)
+  images, z_where = _flatten(images, len(lead)), _flatten(z_where, len(lead))
+  rows, cols = _read_matrices(z_where, _pair(window_size), images.shape[1:3])
+  tmp = jnp.einsum('bnai,bij...->bnaj...', rows, images)  # [B, N, h, W, *C]
+  return _unflatten(jnp.einsum('bnaj...,bncj->bnac...', tmp, cols), lead)
+
+
+def _read_matrices(
+  z_where: jax.Array, window: tuple[int, int], image: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+  """Interpolation matrices of a read: rows [..., h, H], cols [..., w, W];
+  z_where is [..., 3]."""
+  (h, w), (height, width) = window, image
+  scale = _safe_scale(z_where[..., 0:1])  # [..., 1]
+  x, y = z_where[..., 1:2], z_where[..., 2:3]
+  rows_u = y + _pixel_centres(h) / scale  # [..., h]
+  cols_u = x + _pixel_centres(w) / scale  # [..., w]
   rows = interpolation_matrix(_to_pixel_index(rows_u, height), height)
   cols = interpolation_matrix(_to_pixel_index(cols_u, width), width)
-  return _unflatten(_apply_separable(rows, images, cols), lead)
+  return rows, cols
 
 
 def window_to_image(
@@ -242,6 +280,44 @@ def windows_to_canvas(
   tmp = jnp.einsum('bnah,bnhw...->bnaw...', weighted, windows)
   canvas = jnp.einsum('bnaw...,bncw->bac...', tmp, cols)  # [B, H, W, *C]
   return _unflatten(canvas, lead)
+
+
+def object_image_products(
+  windows: jax.Array, z_where: jax.Array, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Inner products of drawn objects with an image, without drawing them.
+
+  With O_n = window_to_image(windows[..., n, :, :], z_where[..., n, :])
+  returns <images, O_n> and ||O_n||^2 (sums over the H x W pixels). Both
+  are computed in window space: <I, R W C^T> = <R^T I C, W> and
+  ||R W C^T||^2 = <(R^T R) W (C^T C), W> for the write matrices R, C.
+
+  Args:
+    windows: [*L, N, h, w].
+    z_where: [*L, N, 3].
+    images: [*L, H, W].
+
+  Returns:
+    (dot [*L, N], squared norm [*L, N]).
+  """
+  lead = _leading_axes(z_where, '[*L, N, 3]', 2)
+  _check_source('windows', windows, (*z_where.shape[:-1],), '[*L, N, h, w]', 2)
+  _check_source('images', images, lead, '[*L, H, W]', 2)
+  windows, z_where, images = (
+    _flatten(a, len(lead)) for a in (windows, z_where, images)
+  )
+  rows, cols = _write_matrices(
+    z_where, windows.shape[2:4], images.shape[1:3]
+  )  # [B, N, H, h], [B, N, W, w]
+  read = jnp.einsum('bnah,bac->bnhc', rows, images)
+  read = jnp.einsum('bnhc,bncw->bnhw', read, cols)
+  dot = jnp.sum(read * windows, axis=(-2, -1))
+  gram_rows = jnp.einsum('bnah,bnak->bnhk', rows, rows)
+  gram_cols = jnp.einsum('bncw,bncv->bnwv', cols, cols)
+  spread = jnp.einsum('bnhk,bnkw->bnhw', gram_rows, windows)
+  spread = jnp.einsum('bnhw,bnwv->bnhv', spread, gram_cols)
+  sq_norm = jnp.sum(spread * windows, axis=(-2, -1))
+  return _unflatten(dot, lead), _unflatten(sq_norm, lead)
 
 
 def _write_matrices(

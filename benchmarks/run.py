@@ -18,6 +18,8 @@ several timed blocks, median and best):
   * inference (deterministic guide pass) ms/image at batch 1 and 64;
   * train and inference cost against max_steps (batch 64), for the default
     config and for the crowded one (configs/many.py: 48 x 48, DAIR);
+  * the grid model (configs/grid.py), whose cost does not depend on the
+    number of objects, for 4 x 4, 6 x 6 and 8 x 8 cells;
   * the same on real training canvases with the shipped AIR's parameters
     (pretrained/air), max_steps 3 and 10, finished steps skipped or not;
   * FLOPs of a train step and an inference pass (XLA's cost analysis) and
@@ -42,6 +44,7 @@ import numpy as np
 
 from air_jax import visualization
 from air_jax.configs import default
+from air_jax.configs import grid
 from air_jax.configs import many
 from benchmarks import measure
 
@@ -165,6 +168,7 @@ def measure_all(plan: _Plan, rss: bool, real_params: str) -> dict:
     }
   for n, ms in r['train_ms_per_step_by_max_steps'].items():
     r[f'train_ms_per_step_max_steps{n}'] = ms
+  r.update(_grid_cost(plan))
   r.update(_real_cost(plan, base, real_params))
 
   # A sweep as train_sweep runs it here (one vmapped program on an
@@ -257,6 +261,29 @@ def _cost_by_max_steps(plan: _Plan, module) -> dict:
   return timings
 
 
+def _grid_cost(plan: _Plan) -> dict:
+  """Train ms/step and inference ms/image (batch 64) of the grid config
+  with R x R cells, keyed by the number of cells R * R (the most objects):
+  the same for a canvas of any number of objects."""
+  train_ms, infer_ms = {}, {}
+  for side in (4, 6, 8):
+    config = _config(grid, model_grid_size=(side, side))
+    times = measure.train_step_times(config, plan.blocks, plan.per_block)
+    infer = measure.infer_times(config, 64, plan.blocks, 10)
+    cells = str(side * side)
+    train_ms[cells] = 1000 * float(np.median(times.seconds_per_step))
+    infer_ms[cells] = float(np.median(infer.ms_per_image))
+    print(
+      f'grid, {cells} cells: train {train_ms[cells]:.1f} ms/step, infer '
+      f'{infer_ms[cells]:.4f} ms/image',
+      flush=True,
+    )
+  return {
+    'train_ms_per_step_by_cells_grid': train_ms,
+    'infer_ms_per_image_by_cells_grid': infer_ms,
+  }
+
+
 def _real_cost(plan: _Plan, base, path: str) -> dict:
   """Train ms/step and inference ms/image on real training canvases (0-2
   digits, 8 batches of 64 in turn) with the parameters of the model at
@@ -324,6 +351,19 @@ def max_steps_png(r) -> np.ndarray:
         points = np.array(_by_size(r[key + suffix]), float)
         colour = visualization.STEP_COLOURS[colour]
         series.append((points[:, 0], points[:, 1], colour, name))
+    grid_key = key.replace('by_max_steps', 'by_cells') + '_grid'
+    if grid_key in r and series:
+      # The grid model costs the same for any count up to its 64 cells.
+      flat = r[grid_key]['64']
+      x = series[0][0]
+      series.append(
+        (
+          x,
+          np.full(len(x), flat),
+          visualization.STEP_COLOURS[1],
+          'grid (48x48, 64 cells)',
+        )
+      )
     panels.append(visualization._panel(series, title, 'max_steps'))
   return np.concatenate(panels, axis=1)
 
@@ -410,6 +450,14 @@ def format_table(r) -> str:
         _series('train ms/step', train_ms, '.1f'),
         _series('infer ms/image', infer_ms, '.4f'),
       ]
+  if 'train_ms_per_step_by_cells_grid' in r:
+    out += [
+      'grid config (configs/grid.py), cost against its cells, for any '
+      'number of objects (batch 64):',
+      _header('cells', r['train_ms_per_step_by_cells_grid']),
+      _series('train ms/step', r['train_ms_per_step_by_cells_grid'], '.1f'),
+      _series('infer ms/image', r['infer_ms_per_image_by_cells_grid'], '.4f'),
+    ]
   if 'train_ms_per_step_real_by_max_steps' in r:
     out.append(
       f'real canvases (0-2 digits), parameters of {r["real_params"]}, batch 64:'

@@ -11,6 +11,7 @@ from air_jax import distributions
 from air_jax import objectives
 from air_jax.configs import dair
 from air_jax.configs import default
+from air_jax.configs import grid
 from air_jax.configs import many
 from air_jax.configs import test as tiny
 
@@ -43,7 +44,7 @@ def _rejection(config) -> str:
   return message
 
 
-@pytest.mark.parametrize('module', [default, dair, many, tiny])
+@pytest.mark.parametrize('module', [default, dair, many, grid, tiny])
 def test_shipped_configs_validate(module):
   configuration.validate(module.get_config())
 

@@ -1,5 +1,7 @@
 """Spatial transformer against scipy's bilinear interpolation and exact cases."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -528,4 +530,35 @@ def test_object_boxes_match_windows_drawn_at_high_resolution():
       [float(v[i]) for v in box],
       [top, left, bottom - top, right - left],
       atol=1.0,
+    )
+
+
+def test_image_to_windows_reads_each_window_with_scipy():
+  rng = np.random.default_rng(11)
+  images = rng.random((2, 30, 24)).astype(np.float32)
+  z_where = _random_z_where(rng, 6).reshape(2, 3, 3)
+  windows = np.asarray(st.image_to_windows(images, z_where, (12, 9)))
+  assert windows.shape == (2, 3, 12, 9)
+  for b, n in itertools.product(range(2), range(3)):
+    want = reference_image_to_window(images[b], z_where[b, n], 12, 9)
+    np.testing.assert_allclose(windows[b, n], want, atol=2e-5)
+  # Channels ride along.
+  rgb = np.stack([images, 2 * images], axis=-1)
+  both = np.asarray(st.image_to_windows(rgb, z_where, (12, 9)))
+  np.testing.assert_allclose(both[..., 1], 2 * windows, atol=4e-5)
+
+
+def test_object_image_products_equal_those_of_the_drawn_objects():
+  rng = np.random.default_rng(12)
+  windows = rng.random((2, 3, 12, 9)).astype(np.float32)
+  z_where = _random_z_where(rng, 6).reshape(2, 3, 3)
+  images = rng.standard_normal((2, 30, 26)).astype(np.float32)
+  dot, sq_norm = st.object_image_products(windows, z_where, images)
+  for b, n in itertools.product(range(2), range(3)):
+    drawn = reference_window_to_image(windows[b, n], z_where[b, n], 30, 26)
+    np.testing.assert_allclose(
+      dot[b, n], np.sum(images[b] * drawn), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+      sq_norm[b, n], np.sum(drawn * drawn), rtol=1e-4, atol=1e-4
     )

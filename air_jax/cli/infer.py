@@ -36,7 +36,8 @@ _MAX_STEPS = flags.DEFINE_integer(
   None,
   'Attend to at most this many objects (default: the trained max_steps). '
   'The recurrence shares its parameters over steps, so more steps need no '
-  'retraining (DAIR extrapolates to more objects than it was trained on).',
+  'retraining (DAIR extrapolates to more objects than it was trained on). '
+  'Sequential models only: a grid model proposes one object per cell.',
 )
 
 
@@ -73,6 +74,11 @@ def infer(
     pixels = inference.load_images(images, config.model.image_size)
     config, model, params = inference.load(checkpoint)
     if max_steps is not None:
+      if config.model.kind != 'air':
+        cli.fail(
+          '--max_steps applies to the sequential models (model.kind '
+          f"'air'); this checkpoint's model is {config.model.kind!r}."
+        )
       model = model.clone(max_steps=max_steps)
     records = inference.infer_records(model, params, pixels)
     data = inference.records_json(records).encode('utf-8')

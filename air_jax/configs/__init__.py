@@ -1,4 +1,4 @@
-"""Shipped configs: `default` (AIR), `dair`, `many` (crowded scenes), `test` (tiny).
+"""Shipped configs: `default` (AIR), `dair`, `many` and `grid` (crowded scenes), `test` (tiny).
 
 Each module's `get_config()` returns an `ml_collections.ConfigDict`; the
 fields are documented in `default.py`. The binaries take a config file path
@@ -7,7 +7,7 @@ or one of these names (`air-train --config=dair`).
 
 import pathlib
 
-NAMES = ('default', 'dair', 'many', 'test')
+NAMES = ('default', 'dair', 'many', 'grid', 'test')
 
 
 def path(name: str) -> str:

@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Field names equal air.AIR's attributes.
   config.model = ml_collections.ConfigDict()
+  # 'air': sequential AIR/DAIR (air.AIR); 'grid': parallel proposals from a
+  # grid of cells (grid.GridAIR; uses neither the LSTM, max_steps,
+  # difference, unroll, skip_finished nor a baseline network).
+  config.model.kind = 'air'
   config.model.image_size = (50, 50)  # (H, W) of the canvas.
   config.model.window_size = (28, 28)  # (h, w) of the attention window.
   config.model.max_steps = 3  # N, the most objects per image.
@@ -77,6 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (same loss and gradients). On a GPU a cond may need the host to read its
   # predicate each step, so False may be faster there (not measured).
   config.model.skip_finished = True
+  config.model.grid_size = (8, 8)  # Grid model: (R, C) cells.
+  config.model.grid_features = 64  # Grid model: channels of its encoder.
+  # Grid model: how far (in cells) a proposal's centre may move from its
+  # cell's centre (posterior mean; 0.5 keeps it inside, 0 is unbounded).
+  config.model.grid_max_shift = 0.0
 
   # Per-step prior p of z_pres: a schedule (kind 'constant', 'exponential'
   # (log-linear) or 'linear' from init at step 0 to final at anneal_steps).
