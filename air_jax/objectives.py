@@ -279,9 +279,10 @@ def local_signal(
   E[f(z_pres_n = 1) - f(z_pres_n = 0)] dq_n: this difference, at one sample
   of the others, is an unbiased estimate with no noise from z_pres_n
   itself, so no baseline is needed (the local expectation gradient of
-  Titsias and Lazaro-Gredilla, 2015). Each object is drawn alone onto the
-  image to add it to, or take it from, the sampled canvas. Carries no
-  gradient.
+  Titsias and Lazaro-Gredilla, 2015). With a Normal likelihood the
+  difference is computed in window space; otherwise each object is drawn
+  alone onto the image to add it to, or take it from, the sampled canvas.
+  Carries no gradient.
 
   Args:
     output: AIROutput with independent proposals.
@@ -525,9 +526,8 @@ def air_loss(
       config.likelihood,
       config.likelihood_std(step),
     )
-    objective = terms.elbo + local_expectation_surrogate(
-      output.z_pres_prob, signal, mask
-    )
+    surrogate = local_expectation_surrogate(output.z_pres_prob, signal, mask)
+    objective = terms.elbo + surrogate
     if config.likelihood == 'normal':
       # The same value; the gradient of the continuous latents and the
       # decoder from every proposal (local_object_objective), that of q_n
@@ -540,7 +540,7 @@ def air_loss(
           output, images, config.z_where_prior(), config.likelihood_std(step)
         )
         - jnp.sum(terms.kl_pres, axis=1)
-        + local_expectation_surrogate(output.z_pres_prob, signal, mask)
+        + surrogate
       )
     return -jnp.mean(objective), LossAux(
       terms=terms,
