@@ -232,12 +232,13 @@ class GridAIR(nn.Module):
           prior.loc[:, 1:] + reach * jnp.tanh(shift / reach)
         )
       )
+    # Every cell makes a choice: its mask is 1.
+    z_pres = air.sample_z_pres(
+      key_pres, z_pres_prob, jnp.ones_like(z_pres_prob), deterministic
+    )
     if deterministic:
-      z_pres = (z_pres_prob > 0.5).astype(jnp.float32)
       z_where = where_q.loc
     else:
-      z_pres = jax.vmap(jax.random.bernoulli)(key_pres, z_pres_prob)
-      z_pres = z_pres.astype(jnp.float32)
       z_where = jax.vmap(distributions.sample_normal)(key_where, where_q)
 
     glimpses = spatial_transformer.image_to_windows(
@@ -257,7 +258,7 @@ class GridAIR(nn.Module):
     return air.AIROutput(
       z_pres=z_pres,
       z_pres_prob=z_pres_prob,
-      mask=jnp.ones_like(z_pres),
+      mask=jnp.ones_like(z_pres_prob),
       z_where=z_where,
       z_where_loc=where_q.loc,
       z_where_scale=where_q.scale,

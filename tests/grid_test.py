@@ -2,7 +2,6 @@
 expectation gradient against exact enumeration, the signal against drawing
 each object, and a non-square image through step, evaluation and infer."""
 
-import functools
 import itertools
 
 import flax.linen as nn
@@ -18,13 +17,13 @@ from air_jax import distributions
 from air_jax import evaluation
 from air_jax import grid
 from air_jax import inference
-from air_jax import input_pipeline
 from air_jax import networks
 from air_jax import objectives
 from air_jax import spatial_transformer as st
 from air_jax import train
 from air_jax.cli import infer as infer_cli
 from air_jax.configs import grid as grid_config
+from tests import helpers
 
 
 def test_cell_centres_and_priors_by_hand():
@@ -275,16 +274,7 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
   assert 'baseline' not in state.params
   rng = np.random.default_rng(0)
   images = (rng.random((8, 40, 56)) ** 8 * 255).astype(np.uint8)
-  step = jax.jit(
-    functools.partial(
-      train.train_step,
-      model=model,
-      tx=tx,
-      loss_config=loss_config,
-      seed=0,
-      axis_name=None,
-    )
-  )
+  step = jax.jit(helpers.train_step_fn(config, model, tx))
   before = state.params
   state, metrics = step(state, jnp.asarray(images, jnp.float32) / 255.0)
   assert np.isfinite(float(metrics['loss']))
@@ -296,14 +286,13 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
     moved['head']['kernel'] > 0
     and moved['encoder']['PatchConv_0']['dense']['kernel'] > 0
   )
-  split = input_pipeline.Split(
-    images=images,
-    num_objects=np.ones(8, np.int32),
-    boxes=np.tile(np.array([[[5, 6, 10, 8]]], np.int32), (8, 9, 1)),
-    labels=np.zeros((8, 9), np.int32),
-  )
   result = evaluation.evaluate(
-    model, state.params, split, loss_config, batch_size=4, iwae_samples=2
+    model,
+    state.params,
+    helpers.one_object_split(images),
+    loss_config,
+    batch_size=4,
+    iwae_samples=2,
   )
   # 12 cells but 9 object slots: counts 0..9 and one column for 10 or more.
   assert result.confusion.shape == (11, 11) and np.isfinite(result.iwae)

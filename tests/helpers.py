@@ -1,6 +1,7 @@
 """What several test modules share: paths, the MNIST folder, markers, bad
 image files."""
 
+import functools
 import io
 import os
 import pathlib
@@ -11,6 +12,10 @@ import zlib
 import numpy as np
 from PIL import Image
 import pytest
+
+from air_jax import configuration
+from air_jax import input_pipeline
+from air_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / 'shared' / 'data' / 'mnist'
@@ -225,3 +230,32 @@ def bad_images(case, directory, shape):
   else:
     raise ValueError(case)
   return path
+
+
+# --- Small runs ---------------------------------------------------------------
+
+
+def one_object_split(images: np.ndarray) -> input_pipeline.Split:
+  """An input_pipeline.Split of `images` [M, H, W] uint8, each labelled with
+  one object in a fixed box (9 object slots), for end-to-end runs of
+  `evaluation.evaluate` on any image size."""
+  m = len(images)
+  return input_pipeline.Split(
+    images=images,
+    num_objects=np.ones(m, np.int32),
+    boxes=np.tile(np.array([[[5, 6, 10, 8]]], np.int32), (m, 9, 1)),
+    labels=np.zeros((m, 9), np.int32),
+  )
+
+
+def train_step_fn(config, model, tx):
+  """`train.train_step` of `config` on one device, all but (state, images)
+  bound."""
+  return functools.partial(
+    train.train_step,
+    model=model,
+    tx=tx,
+    loss_config=configuration.loss_config(config),
+    seed=config.seed,
+    axis_name=None,
+  )

@@ -1,6 +1,5 @@
 """The train step, the loop with checkpoints and resume, and data parallelism."""
 
-import functools
 import json
 import os
 import signal
@@ -38,22 +37,11 @@ def _tiny_config(data_dir=None):
   return config
 
 
-def _step_fn(config, model, tx):
-  return functools.partial(
-    train.train_step,
-    model=model,
-    tx=tx,
-    loss_config=configuration.loss_config(config),
-    seed=config.seed,
-    axis_name=None,
-  )
-
-
 def test_one_train_step_is_finite_in_range_and_compiles_once():
   config = _tiny_config()
   model = configuration.create_model(config)
   state, tx = train.create_train_state(config, model)
-  step_fn = _step_fn(config, model, tx)
+  step_fn = helpers.train_step_fn(config, model, tx)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -89,7 +77,7 @@ def test_the_optimiser_groups_the_baseline_by_its_key():
   model = configuration.create_model(config)
   state, tx = train.create_train_state(config, model)
   images = jax.random.uniform(jax.random.key(1), (8, 50, 50))
-  new, _ = jax.jit(_step_fn(config, model, tx))(state, images)
+  new, _ = jax.jit(helpers.train_step_fn(config, model, tx))(state, images)
   for key in state.params:
     moved = any(
       not np.array_equal(a, b)
@@ -104,7 +92,7 @@ def test_non_finite_updates_are_skipped_and_counted():
   config = _tiny_config()
   model = configuration.create_model(config)
   state, tx = train.create_train_state(config, model)
-  step = jax.jit(_step_fn(config, model, tx))
+  step = jax.jit(helpers.train_step_fn(config, model, tx))
   images = jnp.full((8, 50, 50), jnp.nan)
   new_state, metrics = step(state, images)
   assert (
@@ -149,7 +137,7 @@ def test_scanned_device_loop_equals_the_host_loop():
   )
   num_steps, k = 12, 4
   state, tx = train.create_train_state(config, model)
-  step = jax.jit(_step_fn(config, model, tx))
+  step = jax.jit(helpers.train_step_fn(config, model, tx))
   host_losses = []
   for s in range(num_steps):
     batch = input_pipeline.train_batch(split, config.seed, s, 8)
@@ -435,18 +423,16 @@ def test_a_non_square_image_and_another_window_size_run_end_to_end():
   state, tx = train.create_train_state(config, model)
   rng = np.random.default_rng(0)
   images = (rng.random((8, 40, 56)) ** 8 * 255).astype(np.uint8)
-  state, metrics = jax.jit(_step_fn(config, model, tx))(
+  state, metrics = jax.jit(helpers.train_step_fn(config, model, tx))(
     state, jnp.asarray(images, jnp.float32) / 255.0
   )
   assert np.isfinite(float(metrics['loss']))
-  split = input_pipeline.Split(
-    images=images,
-    num_objects=np.ones(8, np.int32),
-    boxes=np.tile(np.array([[[5, 6, 10, 8]]], np.int32), (8, 9, 1)),
-    labels=np.zeros((8, 9), np.int32),
-  )
   result = evaluation.evaluate(
-    model, state.params, split, configuration.loss_config(config), batch_size=4
+    model,
+    state.params,
+    helpers.one_object_split(images),
+    configuration.loss_config(config),
+    batch_size=4,
   )
   assert result.confusion.shape == (6, 6) and result.num_images == 8
   assert 0.0 <= result.boxes['ap50'] <= 1.0
