@@ -1,5 +1,7 @@
 """The AIR module: shapes, the z_pres chain, masking, compile-once, learning."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,19 @@ WHERE_PRIOR = distributions.NormalParams(
 )
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'deterministic'))
+def _apply(model, params, images, key=None, keys=None, deterministic=False):
+  """`model.apply`, jitted: eagerly the scan runs op by op (seconds)."""
+  rngs = {} if key is None else {'sample': key}
+  return model.apply(
+    {'params': params},
+    images,
+    deterministic=deterministic,
+    keys=keys,
+    rngs=rngs,
+  )
+
+
 def _init(model, images, seed=0):
   # Jitted: an eager init runs the scan op by op (about 15 s here).
   return jax.jit(model.init)(
@@ -44,9 +59,7 @@ def test_output_shapes_and_finiteness(difference):
   model = air.AIR(**SMALL, difference=difference)
   images = jax.random.uniform(jax.random.key(0), (5, 20, 20))
   params = _init(model, images)
-  out = model.apply(
-    {'params': params}, images, rngs={'sample': jax.random.key(3)}
-  )
+  out = _apply(model, params, images, jax.random.key(3))
   b, n, d = 5, 3, 6
   expected = {
     'z_pres': (b, n),
@@ -73,9 +86,7 @@ def test_z_pres_is_monotone_and_mask_is_previous_z_pres():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(1), (256, 20, 20))
   params = _init(model, images)
-  out = model.apply(
-    {'params': params}, images, rngs={'sample': jax.random.key(4)}
-  )
+  out = _apply(model, params, images, jax.random.key(4))
   z = np.asarray(out.z_pres)
   assert set(np.unique(z)) <= {0.0, 1.0}
   assert np.all(np.diff(z, axis=1) <= 0)  # Never 1 after a 0.
@@ -90,9 +101,7 @@ def test_canvas_is_the_sum_of_present_objects():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(2), (16, 20, 20))
   params = _init(model, images)
-  out = model.apply(
-    {'params': params}, images, rngs={'sample': jax.random.key(5)}
-  )
+  out = _apply(model, params, images, jax.random.key(5))
   objects = [
     spatial_transformer.window_to_image(
       out.windows[:, t], out.z_where[:, t], 20
@@ -107,9 +116,7 @@ def test_dair_canvas_matches_rendering():
   model = air.AIR(**SMALL, difference=True)
   images = jax.random.uniform(jax.random.key(6), (8, 20, 20))
   params = _init(model, images)
-  out = model.apply(
-    {'params': params}, images, rngs={'sample': jax.random.key(7)}
-  )
+  out = _apply(model, params, images, jax.random.key(7))
   rendered, _ = model.apply(
     {'params': params},
     out.z_pres,
@@ -125,8 +132,8 @@ def test_per_example_keys_make_samples_independent_of_the_batch():
   images = jax.random.uniform(jax.random.key(8), (6, 20, 20))
   params = _init(model, images)
   keys = jax.random.split(jax.random.key(9), 6)
-  full = model.apply({'params': params}, images, keys=keys)
-  part = model.apply({'params': params}, images[3:], keys=keys[3:])
+  full = _apply(model, params, images, keys=keys)
+  part = _apply(model, params, images[3:], keys=keys[3:])
   np.testing.assert_allclose(full.z_where[3:], part.z_where, atol=1e-5)
   np.testing.assert_array_equal(full.z_pres[3:], part.z_pres)
 
@@ -139,18 +146,18 @@ def test_unrolling_and_fewer_steps_do_not_change_the_math(difference):
   keys = jax.random.split(jax.random.key(11), 4)
   rolled = air.AIR(**SMALL, difference=difference, unroll=1)
   params = _init(rolled, images)
-  reference = rolled.apply({'params': params}, images, keys=keys)
+  reference = _apply(rolled, params, images, keys=keys)
   for other in (
     air.AIR(**SMALL, difference=difference, unroll=0),
     air.AIR(**SMALL, difference=difference, unroll=2),
   ):
-    out = other.apply({'params': params}, images, keys=keys)
+    out = _apply(other, params, images, keys=keys)
     for name in ('z_pres', 'z_where', 'z_what', 'canvas', 'baseline'):
       np.testing.assert_allclose(
         getattr(out, name), getattr(reference, name), atol=1e-5, err_msg=name
       )
   one = air.AIR(**{**SMALL, 'max_steps': 1}, difference=difference)
-  first = one.apply({'params': params}, images, keys=keys)
+  first = _apply(one, params, images, keys=keys)
   for name in ('z_pres', 'mask', 'z_where', 'z_what', 'baseline'):
     np.testing.assert_allclose(
       getattr(first, name),
@@ -214,18 +221,8 @@ def test_deterministic_mode_uses_posterior_modes():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(10), (8, 20, 20))
   params = _init(model, images)
-  a = model.apply(
-    {'params': params},
-    images,
-    deterministic=True,
-    rngs={'sample': jax.random.key(0)},
-  )
-  b = model.apply(
-    {'params': params},
-    images,
-    deterministic=True,
-    rngs={'sample': jax.random.key(1)},
-  )
+  a = _apply(model, params, images, jax.random.key(0), deterministic=True)
+  b = _apply(model, params, images, jax.random.key(1), deterministic=True)
   np.testing.assert_array_equal(a.z_pres, b.z_pres)
   np.testing.assert_allclose(a.z_where, a.z_where_loc)
   np.testing.assert_allclose(a.z_what, a.z_what_loc)
@@ -237,9 +234,7 @@ def test_baseline_gets_no_gradient_from_the_elbo():
   params = _init(model, images)
 
   def elbo(params):
-    out = model.apply(
-      {'params': params}, images, rngs={'sample': jax.random.key(0)}
-    )
+    out = _apply(model, params, images, jax.random.key(0))
     return jnp.mean(objectives.elbo_terms(out, images, 0.01, WHERE_PRIOR).elbo)
 
   grads = jax.jit(jax.grad(elbo))(params)
@@ -318,9 +313,7 @@ def test_logit_bound_keeps_q_away_from_zero_and_one():
     else x,
     params,
   )
-  out = model.apply(
-    {'params': params}, images, rngs={'sample': jax.random.key(0)}
-  )
+  out = _apply(model, params, images, jax.random.key(0))
   q = np.asarray(out.z_pres_prob)
   bound = 1.0 / (1.0 + np.exp(-2.0))
   assert np.all(q <= bound + 1e-6) and np.all(q >= 1 - bound - 1e-6)
@@ -348,9 +341,7 @@ def test_baseline_network_lives_under_one_key(difference):
   model = air.AIR(**SMALL, difference=difference, use_baseline=False)
   params = _init(model, images)
   assert not [k for k in params if 'baseline' in k]
-  out = model.apply(
-    {'params': params}, images, rngs={'sample': jax.random.key(0)}
-  )
+  out = _apply(model, params, images, jax.random.key(0))
   np.testing.assert_array_equal(out.baseline, np.zeros((2, 3)))
 
 
@@ -394,8 +385,9 @@ def test_z_where_scale_range_bounds_the_scale_mean(difference):
   params = _init(model, images)
 
   def scale_loc(model, head_output):
-    out = model.apply(
-      {'params': _with_z_where_head(params, [head_output] + [0.0] * 5)},
+    out = _apply(
+      model,
+      _with_z_where_head(params, [head_output] + [0.0] * 5),
       images,
       deterministic=True,
     )

@@ -1,6 +1,19 @@
-"""Fixtures: a small multi_mnist build shared by the tests of a session."""
+"""Fixtures: a small multi_mnist build shared by the tests of a session.
+
+The suite's time is mostly XLA compiling many small programs, not running
+them: LLVM's optimisations are skipped (the same math, about half the
+time; speed is measured by `make bench`, never here). Set before jax starts
+its backend; subprocesses inherit it (`helpers.xla_flags`).
+"""
+
+import os
 
 import pytest
+
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = ' '.join(
+    [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']
+  ).strip()
 
 from tests import helpers
 

@@ -22,6 +22,12 @@ SHARED_MNIST = REPO.parent / 'shared' / 'data' / 'mnist'
 TESTDATA = REPO / 'tests' / 'testdata'
 
 
+def xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a subprocess: this session's (tests/conftest.py) and
+  `flags`."""
+  return ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()
+
+
 def mnist_dir() -> pathlib.Path | None:
   """The real MNIST files: AIR_MNIST_DIR, else ../shared/data/mnist."""
   env = os.environ.get('AIR_MNIST_DIR')

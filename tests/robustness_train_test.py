@@ -293,7 +293,8 @@ def test_failed_resumes_leave_the_run_untouched(
   tmp_path, base_run, small_data_dir, cache
 ):
   two_devices = dict(
-    os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2'
+    os.environ,
+    XLA_FLAGS=helpers.xla_flags('--xla_force_host_platform_device_count=2'),
   )
   cases = {
     # name: (arguments, environment, what the line says)

@@ -267,6 +267,9 @@ def test_killed_run_resumes_exactly(tmp_path, small_data_dir):
 
 _PMAP_SCRIPT = textwrap.dedent("""
     import os
+    # Optimised code, as in training (tests/conftest.py turns it off; at
+    # level 0 the loss metric differed by 0.3% between 1 and 2 devices
+    # while the parameters agreed: not yet understood).
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
     import jax, jax.numpy as jnp, numpy as np
     from air_jax import configuration, device_data, input_pipeline, train
@@ -367,7 +370,11 @@ def test_two_processes_match_one_process_with_two_devices(
     _run_training(
       single,
       small_data_dir,
-      {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+      {
+        'XLA_FLAGS': helpers.xla_flags(
+          '--xla_force_host_platform_device_count=2'
+        )
+      },
     )
   )
   _finish(procs)
