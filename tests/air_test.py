@@ -1,7 +1,5 @@
 """The AIR module: shapes, the z_pres chain, masking, compile-once, learning."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ from air_jax import air
 from air_jax import distributions
 from air_jax import objectives
 from air_jax import spatial_transformer
+from tests import helpers
 
 SMALL = dict(
   image_size=20,
@@ -34,19 +33,6 @@ WHERE_PRIOR = distributions.NormalParams(
 )
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'deterministic'))
-def _apply(model, params, images, key=None, keys=None, deterministic=False):
-  """`model.apply`, jitted: eagerly the scan runs op by op (seconds)."""
-  rngs = {} if key is None else {'sample': key}
-  return model.apply(
-    {'params': params},
-    images,
-    deterministic=deterministic,
-    keys=keys,
-    rngs=rngs,
-  )
-
-
 def _init(model, images, seed=0):
   # Jitted: an eager init runs the scan op by op (about 15 s here).
   return jax.jit(model.init)(
@@ -59,7 +45,7 @@ def test_output_shapes_and_finiteness(difference):
   model = air.AIR(**SMALL, difference=difference)
   images = jax.random.uniform(jax.random.key(0), (5, 20, 20))
   params = _init(model, images)
-  out = _apply(model, params, images, jax.random.key(3))
+  out = helpers.apply_jitted(model, params, images, jax.random.key(3))
   b, n, d = 5, 3, 6
   expected = {
     'z_pres': (b, n),
@@ -86,7 +72,7 @@ def test_z_pres_is_monotone_and_mask_is_previous_z_pres():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(1), (256, 20, 20))
   params = _init(model, images)
-  out = _apply(model, params, images, jax.random.key(4))
+  out = helpers.apply_jitted(model, params, images, jax.random.key(4))
   z = np.asarray(out.z_pres)
   assert set(np.unique(z)) <= {0.0, 1.0}
   assert np.all(np.diff(z, axis=1) <= 0)  # Never 1 after a 0.
@@ -101,7 +87,7 @@ def test_canvas_is_the_sum_of_present_objects():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(2), (16, 20, 20))
   params = _init(model, images)
-  out = _apply(model, params, images, jax.random.key(5))
+  out = helpers.apply_jitted(model, params, images, jax.random.key(5))
   objects = [
     spatial_transformer.window_to_image(
       out.windows[:, t], out.z_where[:, t], 20
@@ -116,7 +102,7 @@ def test_dair_canvas_matches_rendering():
   model = air.AIR(**SMALL, difference=True)
   images = jax.random.uniform(jax.random.key(6), (8, 20, 20))
   params = _init(model, images)
-  out = _apply(model, params, images, jax.random.key(7))
+  out = helpers.apply_jitted(model, params, images, jax.random.key(7))
   rendered, _ = model.apply(
     {'params': params},
     out.z_pres,
@@ -132,8 +118,8 @@ def test_per_example_keys_make_samples_independent_of_the_batch():
   images = jax.random.uniform(jax.random.key(8), (6, 20, 20))
   params = _init(model, images)
   keys = jax.random.split(jax.random.key(9), 6)
-  full = _apply(model, params, images, keys=keys)
-  part = _apply(model, params, images[3:], keys=keys[3:])
+  full = helpers.apply_jitted(model, params, images, keys=keys)
+  part = helpers.apply_jitted(model, params, images[3:], keys=keys[3:])
   np.testing.assert_allclose(full.z_where[3:], part.z_where, atol=1e-5)
   np.testing.assert_array_equal(full.z_pres[3:], part.z_pres)
 
@@ -146,18 +132,18 @@ def test_unrolling_and_fewer_steps_do_not_change_the_math(difference):
   keys = jax.random.split(jax.random.key(11), 4)
   rolled = air.AIR(**SMALL, difference=difference, unroll=1)
   params = _init(rolled, images)
-  reference = _apply(rolled, params, images, keys=keys)
+  reference = helpers.apply_jitted(rolled, params, images, keys=keys)
   for other in (
     air.AIR(**SMALL, difference=difference, unroll=0),
     air.AIR(**SMALL, difference=difference, unroll=2),
   ):
-    out = _apply(other, params, images, keys=keys)
+    out = helpers.apply_jitted(other, params, images, keys=keys)
     for name in ('z_pres', 'z_where', 'z_what', 'canvas', 'baseline'):
       np.testing.assert_allclose(
         getattr(out, name), getattr(reference, name), atol=1e-5, err_msg=name
       )
   one = air.AIR(**{**SMALL, 'max_steps': 1}, difference=difference)
-  first = _apply(one, params, images, keys=keys)
+  first = helpers.apply_jitted(one, params, images, keys=keys)
   for name in ('z_pres', 'mask', 'z_where', 'z_what', 'baseline'):
     np.testing.assert_allclose(
       getattr(first, name),
@@ -221,8 +207,12 @@ def test_deterministic_mode_uses_posterior_modes():
   model = air.AIR(**SMALL)
   images = jax.random.uniform(jax.random.key(10), (8, 20, 20))
   params = _init(model, images)
-  a = _apply(model, params, images, jax.random.key(0), deterministic=True)
-  b = _apply(model, params, images, jax.random.key(1), deterministic=True)
+  a = helpers.apply_jitted(
+    model, params, images, jax.random.key(0), deterministic=True
+  )
+  b = helpers.apply_jitted(
+    model, params, images, jax.random.key(1), deterministic=True
+  )
   np.testing.assert_array_equal(a.z_pres, b.z_pres)
   np.testing.assert_allclose(a.z_where, a.z_where_loc)
   np.testing.assert_allclose(a.z_what, a.z_what_loc)
@@ -234,7 +224,7 @@ def test_baseline_gets_no_gradient_from_the_elbo():
   params = _init(model, images)
 
   def elbo(params):
-    out = _apply(model, params, images, jax.random.key(0))
+    out = helpers.apply_jitted(model, params, images, jax.random.key(0))
     return jnp.mean(objectives.elbo_terms(out, images, 0.01, WHERE_PRIOR).elbo)
 
   grads = jax.jit(jax.grad(elbo))(params)
@@ -313,7 +303,7 @@ def test_logit_bound_keeps_q_away_from_zero_and_one():
     else x,
     params,
   )
-  out = _apply(model, params, images, jax.random.key(0))
+  out = helpers.apply_jitted(model, params, images, jax.random.key(0))
   q = np.asarray(out.z_pres_prob)
   bound = 1.0 / (1.0 + np.exp(-2.0))
   assert np.all(q <= bound + 1e-6) and np.all(q >= 1 - bound - 1e-6)
@@ -341,7 +331,7 @@ def test_baseline_network_lives_under_one_key(difference):
   model = air.AIR(**SMALL, difference=difference, use_baseline=False)
   params = _init(model, images)
   assert not [k for k in params if 'baseline' in k]
-  out = _apply(model, params, images, jax.random.key(0))
+  out = helpers.apply_jitted(model, params, images, jax.random.key(0))
   np.testing.assert_array_equal(out.baseline, np.zeros((2, 3)))
 
 
@@ -385,7 +375,7 @@ def test_z_where_scale_range_bounds_the_scale_mean(difference):
   params = _init(model, images)
 
   def scale_loc(model, head_output):
-    out = _apply(
+    out = helpers.apply_jitted(
       model,
       _with_z_where_head(params, [head_output] + [0.0] * 5),
       images,

@@ -211,19 +211,17 @@ def test_grid_model_outputs_and_modes():
   params = air.init_params(model, 0)
   images = jnp.asarray(np.random.default_rng(3).random((4, 20, 28)))
   keys = jax.random.split(jax.random.key(0), 4)
-  # Jitted: eager applies run op by op (most of this test's time).
-  apply = jax.jit(model.apply, static_argnames='deterministic')
-  out = apply({'params': params}, images, keys=keys)
+  out = helpers.apply_jitted(model, params, images, keys=keys)
   assert out.z_pres.shape == (4, 6) and out.windows.shape == (4, 6, 6, 5)
   assert out.canvas.shape == (4, 20, 28)
   np.testing.assert_array_equal(out.mask, 1.0)
   assert set(np.unique(out.z_pres)) <= {0.0, 1.0}
   # Samples of an example depend on its key alone, not on its batch.
-  alone = apply({'params': params}, images[1:2], keys=keys[1:2])
+  alone = helpers.apply_jitted(model, params, images[1:2], keys=keys[1:2])
   np.testing.assert_allclose(alone.z_where[0], out.z_where[1], atol=1e-5)
   np.testing.assert_array_equal(alone.z_pres[0], out.z_pres[1])
   # Inference starts at the prior: each cell's window is centred on it.
-  modes = apply({'params': params}, images, deterministic=True)
+  modes = helpers.apply_jitted(model, params, images, deterministic=True)
   prior = grid.cell_prior((2, 3), model.z_where_prior_loc, (1, 1, 1))
   np.testing.assert_allclose(
     modes.z_where[..., 1:],

@@ -9,6 +9,7 @@ import struct
 import zipfile
 import zlib
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -26,6 +27,23 @@ def xla_flags(*flags: str) -> str:
   """XLA_FLAGS for a subprocess: this session's (tests/conftest.py) and
   `flags`."""
   return ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'deterministic'))
+def apply_jitted(
+  model, params, images, key=None, keys=None, deterministic=False
+):
+  """`model.apply` (AIR or GridAIR) jitted: eagerly a model runs op by op
+  (seconds per call). `key` seeds the 'sample' stream, `keys` are
+  per-example keys."""
+  rngs = {} if key is None else {'sample': key}
+  return model.apply(
+    {'params': params},
+    images,
+    deterministic=deterministic,
+    keys=keys,
+    rngs=rngs,
+  )
 
 
 def mnist_dir() -> pathlib.Path | None:
