@@ -367,6 +367,8 @@ def loss_config(config: ml_collections.ConfigDict) -> objectives.LossConfig:
       if config.model.kind == 'grid'
       else None
     ),
+    repulsion_strength=schedule(config.z_where_repulsion),
+    repulsion_radius=float(config.z_where_repulsion_radius),
   )
 
 

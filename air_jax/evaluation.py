@@ -74,7 +74,8 @@ class EvalResult(NamedTuple):
 
 
 @functools.partial(
-  jax.jit, static_argnames=('model', 'loss_config', 'iwae_samples')
+  jax.jit,
+  static_argnames=('model', 'loss_config', 'iwae_samples', 'refine_flips'),
 )
 def eval_batch(
   params,
@@ -85,6 +86,7 @@ def eval_batch(
   model: air.AIR,
   loss_config: objectives.LossConfig,
   iwae_samples: int = 0,
+  refine_flips: int = 0,
 ) -> dict[str, jax.Array]:
   """Counts (modes and a sample), ELBO and optionally IWAE of a batch.
 
@@ -96,21 +98,32 @@ def eval_batch(
     model: the AIR module.
     loss_config: the objective's settings.
     iwae_samples: K of the IWAE bound (0: skip).
+    refine_flips: if > 0, the posterior modes' z_pres are refined by
+      `objectives.greedy_z_pres` with at most this many flips (models with
+      independent proposals only).
 
   Returns:
     dict of [B] arrays: 'count', 'count_sampled', 'elbo', and 'iwae' when
     iwae_samples > 0; 'boxes' [B, N, 4] and 'z_pres_prob', 'z_pres' [B, N]
     of the posterior modes.
   """
-  prior = loss_config.z_pres_prior(step)
-  std = loss_config.likelihood_std(step)
-  z_where_prior = loss_config.z_where_prior()
+  # The generative model at `step`: the z_pres prior, the z_where prior,
+  # the likelihood and its std, the repulsion.
+  model_terms = (
+    loss_config.z_pres_prior(step),
+    loss_config.z_where_prior(),
+    loss_config.likelihood,
+    loss_config.likelihood_std(step),
+    loss_config.repulsion(step),
+  )
   variables = {'params': params}
   mode = model.apply(variables, images, deterministic=True)
+  if refine_flips > 0:
+    mode = objectives.greedy_z_pres(
+      mode, images, loss_config, step, refine_flips
+    )
   sample = model.apply(variables, images, rngs={'sample': rng})
-  terms = objectives.elbo_terms(
-    sample, images, prior, z_where_prior, loss_config.likelihood, std
-  )
+  terms = objectives.elbo_terms(sample, images, *model_terms)
   result = {
     'count': mode.count,
     'count_sampled': sample.count,
@@ -123,9 +136,7 @@ def eval_batch(
 
     def log_weight(key):
       out = model.apply(variables, images, rngs={'sample': key})
-      return objectives.log_importance_weight(
-        out, images, prior, z_where_prior, loss_config.likelihood, std
-      )
+      return objectives.log_importance_weight(out, images, *model_terms)
 
     keys = jax.random.split(jax.random.fold_in(rng, 2), iwae_samples)
     result['iwae'] = metrics_lib.iwae_bound(jax.lax.map(log_weight, keys))
@@ -143,8 +154,10 @@ def evaluate(
   seed: int = 0,
   iwae_samples: int = 0,
   max_examples: int | None = None,
+  refine_flips: int = 0,
 ) -> EvalResult:
-  """Count accuracy, confusion matrix, ELBO (and IWAE) on a split."""
+  """Count accuracy, confusion matrix, ELBO (and IWAE) on a split
+  (`refine_flips`: see `eval_batch`)."""
   # Counts 0..N, but no more columns than the data's object slots need
   # (a grid model's N is its number of cells): the last column then also
   # holds every larger count.
@@ -165,6 +178,7 @@ def evaluate(
       model=model,
       loss_config=loss_config,
       iwae_samples=iwae_samples,
+      refine_flips=refine_flips,
     )
     out = jax.device_get(out)
     counts.append(out['count'][:valid])
@@ -249,6 +263,7 @@ def evaluate_checkpoint(
   iwae_samples: int = 100,
   max_examples: int | None = None,
   batch_size: int = 500,
+  refine_flips: int = 0,
 ) -> dict[str, Any]:
   """Evaluates a workdir or export on multi-MNIST splits.
 
@@ -261,9 +276,10 @@ def evaluate_checkpoint(
     iwae_samples: K of the IWAE bound (0: skip).
     max_examples: per split (None: all).
     batch_size: images per evaluation batch.
+    refine_flips: see `eval_batch` (0: the encoder's modes).
 
   Returns:
-    {'checkpoint', 'builder_config', 'splits': {name: {...}},
+    {'checkpoint', 'builder_config', 'refine_flips', 'splits': {name: {...}},
     'infer_ms_per_image_b1', 'infer_ms_per_image_b64'}.
   """
   config, model, params = checkpointing.load_model(checkpoint)
@@ -276,6 +292,7 @@ def evaluate_checkpoint(
   report = {
     'checkpoint': checkpoint,
     'builder_config': builder_config,
+    'refine_flips': refine_flips,
     'splits': {},
   }
   images = None
@@ -295,6 +312,7 @@ def evaluate_checkpoint(
       seed=config.seed,
       iwae_samples=iwae_samples,
       max_examples=max_examples,
+      refine_flips=refine_flips,
     )
     report['splits'][split] = {
       'count_accuracy': result.count_accuracy,

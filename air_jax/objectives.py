@@ -4,10 +4,14 @@ Glossary of shapes: B batch, N steps, H, W image, D z_what size.
 
 The ELBO per image is
   log p(x | z) - KL_pres - sum_t z_pres_t (KL_where_t + KL_what_t)
-with the KLs analytic given the past: KL_pres_t = mask_t KL(q_t || p) of the
-per-step Bernoulli, and Normal KLs for z_where and z_what. Continuous latents
-are reparameterised. The gradient of the discrete z_pres choices is the score
-function (REINFORCE) estimator, written as a surrogate with value 0:
+    - sum_t repulsion_t
+with the optional repulsion of the z_where prior (see `distributions`;
+`repulsion_costs`: each pair of present objects counted once, at the later
+step) and the KLs analytic given the past: KL_pres_t = mask_t KL(q_t || p)
+of the per-step Bernoulli, and Normal KLs for z_where and z_what. Continuous
+latents are reparameterised. The gradient of the discrete z_pres choices is
+the score function (REINFORCE) estimator, written as a surrogate with value
+0:
 
   surrogate = sum_t mask_t (log q(z_pres_t) - sg[log q(z_pres_t)])
                          * sg[signal_t - baseline_t]
@@ -15,7 +19,7 @@ function (REINFORCE) estimator, written as a surrogate with value 0:
 Rao-Blackwellised ("downstream") signal for step t: only the terms that the
 choice z_pres_t can change, i.e. the likelihood and the costs of steps >= t:
   signal_t = log p(x | z) - sum_{t' >= t} cost_t',
-  cost_t = z_pres_t (KL_where_t + KL_what_t) + KL_pres_{t+1}
+  cost_t = z_pres_t (KL_where_t + KL_what_t) + repulsion_t + KL_pres_{t+1}
 (KL_pres_{t+1} is masked by z_pres_t). The analytic KL_pres_t is already an
 expectation over z_pres_t and so is not part of its own signal.
 
@@ -51,12 +55,14 @@ __all__ = [
   'baseline_loss',
   'downstream_signal',
   'elbo_terms',
+  'greedy_z_pres',
   'log_importance_weight',
   'local_expectation_surrogate',
   'local_object_objective',
   'local_signal',
   'log_likelihood',
   'reinforce_surrogate',
+  'repulsion_costs',
   'step_costs',
   'update_signal_moments',
   'z_pres_log_prob',
@@ -75,7 +81,9 @@ class ELBOTerms(NamedTuple):
     kl_pres: [B, N] mask_t KL(q(z_pres_t) || p(z_pres_t)).
     kl_where: [B, N] z_pres_t KL(q(z_where_t) || p(z_where)).
     kl_what: [B, N] z_pres_t KL(q(z_what_t) || N(0, I)).
-    elbo: [B] log_likelihood - all KLs.
+    elbo: [B] log_likelihood - all KLs - the repulsion.
+    repulsion: [B, N] the z_where prior's repulsion cost of step t
+      (`repulsion_costs`; zeros without repulsion).
   """
 
   log_likelihood: jax.Array
@@ -83,6 +91,7 @@ class ELBOTerms(NamedTuple):
   kl_where: jax.Array
   kl_what: jax.Array
   elbo: jax.Array
+  repulsion: jax.Array
 
 
 class SignalMoments(NamedTuple):
@@ -124,6 +133,11 @@ class LossConfig:
       given the image, such as `grid.GridAIR`; needs baseline 'none').
     grid: (R, C) of a grid model: proposal n's z_where prior is centred on
       its cell (`grid.cell_prior`); None: one prior for every step.
+    repulsion_strength: Schedule of the nats a pair of present objects with
+      coincident centres costs under the z_where prior (`repulsion_costs`);
+      0 throughout is off.
+    repulsion_radius: centre distance (normalised coordinates) from which a
+      pair costs nothing.
   """
 
   z_pres_prior: distributions.Schedule = distributions.Schedule.constant(1e-5)
@@ -137,8 +151,18 @@ class LossConfig:
   moments_decay: float = 0.9
   estimator: str = 'downstream'
   grid: tuple[int, int] | None = None
+  repulsion_strength: distributions.Schedule = distributions.Schedule.constant(
+    0.0
+  )
+  repulsion_radius: float = 0.25
 
   def __post_init__(self):
+    strength = (self.repulsion_strength.init, self.repulsion_strength.final)
+    if min(strength) < 0 or self.repulsion_radius <= 0:
+      raise ValueError(
+        'repulsion needs strength >= 0 and radius > 0, got '
+        f'{strength} and {self.repulsion_radius}.'
+      )
     if self.estimator not in ESTIMATORS:
       raise ValueError(
         f'estimator {self.estimator!r} is not one of {ESTIMATORS}.'
@@ -167,6 +191,13 @@ class LossConfig:
       raise ValueError(
         f'z_where prior scales must be > 0: {self.z_where_prior_scale}.'
       )
+
+  def repulsion(self, step: jax.Array | int) -> tuple[jax.Array, float] | None:
+    """(strength at `step`, radius) of the z_where prior's repulsion, or
+    None if it is off."""
+    if self.repulsion_strength.init == self.repulsion_strength.final == 0:
+      return None
+    return (self.repulsion_strength(step), self.repulsion_radius)
 
   def z_where_prior(self) -> distributions.NormalParams:
     """The z_where prior, fields [3] (or [R * C, 3] for a grid model)."""
@@ -226,6 +257,7 @@ def elbo_terms(
   z_where_prior: distributions.NormalParams,
   likelihood: str = 'normal',
   likelihood_std: float | jax.Array = 0.3,
+  repulsion: tuple[float | jax.Array, float] | None = None,
 ) -> ELBOTerms:
   """The ELBO of each image from one posterior sample.
 
@@ -236,6 +268,7 @@ def elbo_terms(
     z_where_prior: NormalParams with [3] fields.
     likelihood: see `log_likelihood`.
     likelihood_std: see `log_likelihood`.
+    repulsion: (strength, radius), see `repulsion_costs`; None: off.
 
   Returns:
     ELBOTerms. KL_pres_t = mask_t KL(q_t || p) is the expectation over
@@ -246,8 +279,52 @@ def elbo_terms(
   kl_pres = output.mask * distributions.bernoulli_kl(output.z_pres_prob, prior)
   kl_where, kl_what = _object_kls(output, z_where_prior)
   kl_where, kl_what = output.z_pres * kl_where, output.z_pres * kl_what
-  elbo = ll - jnp.sum(kl_pres + kl_where + kl_what, axis=1)
-  return ELBOTerms(ll, kl_pres, kl_where, kl_what, elbo)
+  pairs = _repulsion_costs_or_zeros(output, repulsion)
+  elbo = ll - jnp.sum(kl_pres + kl_where + kl_what + pairs, axis=1)
+  return ELBOTerms(ll, kl_pres, kl_where, kl_what, elbo, pairs)
+
+
+def repulsion_costs(
+  z_pres: jax.Array, z_where: jax.Array, strength: float, radius: float
+) -> jax.Array:
+  """[B, N] cost_t = strength z_pres_t sum_{j<t} z_pres_j phi(z_where_t,
+  z_where_j): minus the log of the z_where prior's repulsion factor, each
+  pair of present objects counted once, at its later step (so that it is
+  among the costs that step's choice brings about). phi is
+  `distributions.repulsion_potential`.
+
+  Args:
+    z_pres: [B, N] in {0, 1}.
+    z_where: [B, N, 3].
+    strength: nats for coincident centres.
+    radius: distance (normalised coordinates) from which a pair costs 0.
+  """
+  phi = distributions.repulsion_potential(z_where, z_where, radius)
+  earlier = jnp.tril(phi, k=-1)
+  return strength * z_pres * jnp.einsum('bnj,bj->bn', earlier, z_pres)
+
+
+def _repulsion_costs_or_zeros(output: air.AIROutput, repulsion) -> jax.Array:
+  """[B, N] `repulsion_costs` of the output's sample, zeros if None."""
+  if repulsion is None:
+    return jnp.zeros_like(output.z_pres)
+  return repulsion_costs(output.z_pres, output.z_where, *repulsion)
+
+
+def _repulsion_of_each(
+  z_pres: jax.Array, z_where: jax.Array, repulsion
+) -> jax.Array:
+  """[B, N] strength sum_{j != n} z_pres_j phi(z_where_n, sg[z_where_j]):
+  the repulsion cost proposal n adds if present, given the others (its
+  gradient reaches z_where_n only); zeros if `repulsion` is None."""
+  if repulsion is None:
+    return jnp.zeros_like(z_pres)
+  strength, radius = repulsion
+  n = z_pres.shape[1]
+  phi = distributions.repulsion_potential(
+    z_where, jax.lax.stop_gradient(z_where), radius
+  ) * (1.0 - jnp.eye(n))
+  return strength * jnp.einsum('bnj,bj->bn', phi, z_pres)
 
 
 def _object_kls(
@@ -270,9 +347,11 @@ def local_signal(
   z_where_prior: distributions.NormalParams,
   likelihood: str = 'normal',
   likelihood_std: float | jax.Array = 0.3,
+  repulsion: tuple[float | jax.Array, float] | None = None,
 ) -> jax.Array:
   """[B, N] f(z_pres_n = 1) - f(z_pres_n = 0) with every other latent at its
-  sample, where f = log p(x | z) - sum_n z_pres_n (KL_where_n + KL_what_n).
+  sample, where f = log p(x | z) - sum_n z_pres_n (KL_where_n + KL_what_n)
+  - sum_n repulsion_n (`repulsion_costs`).
 
   When the proposals are independent given the image (a grid model), the
   gradient of E_q[f] through q_n = q(z_pres_n = 1) is exactly
@@ -290,12 +369,17 @@ def local_signal(
     z_where_prior: NormalParams, fields [3] or [N, 3].
     likelihood: see `log_likelihood`.
     likelihood_std: see `log_likelihood`.
+    repulsion: (strength, radius), see `repulsion_costs`; None: off.
 
   Returns:
     [B, N] signals.
   """
   output = jax.lax.stop_gradient(output)
   kl_where, kl_what = _object_kls(output, z_where_prior)
+  # The repulsion proposal n would add is one more cost of its presence.
+  kl_where = kl_where + _repulsion_of_each(
+    output.z_pres, output.z_where, repulsion
+  )
   if likelihood == 'normal':
     # ll(c) = -|x - c|^2 / (2 std^2) + const: the difference of adding
     # O_n to the canvas without it is (<x - C, O_n> + (z_n - 1/2) |O_n|^2)
@@ -323,6 +407,72 @@ def local_signal(
   return ll[0] - ll[1] - kl_where - kl_what
 
 
+def greedy_z_pres(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+  max_flips: int,
+) -> air.AIROutput:
+  """z_pres moved to a local maximum of the model's own objective, one flip
+  at a time (iterated conditional modes), for models whose proposals are
+  independent given the image (config.estimator 'local').
+
+  With every other latent as in `output` (its means, for posterior modes),
+  z_pres maximises
+    g(z) = f(z) + sum_n z_n log(p / (1 - p)),
+  f as in `local_signal` (the likelihood, each present object's KL_where and
+  KL_what, the repulsion) and p the z_pres prior at `step`. Each round flips,
+  in every image, the one z_pres_n that raises g most, if any does; after
+  `max_flips` rounds, or once no flip raises g, z_pres is returned with the
+  canvas redrawn. The encoder's q(z_pres) decides each proposal alone; this
+  lets proposals explain each other away (two proposals on one digit: the
+  second adds little ink and pays its prior, so it is dropped).
+
+  Args:
+    output: AIROutput of a model with independent proposals.
+    images: [B, H, W].
+    config: the objective's settings (prior, likelihood, repulsion).
+    step: the training step the schedules are read at.
+    max_flips: most rounds (each flips at most one z_pres per image).
+
+  Returns:
+    The output with z_pres and canvas replaced (z_pres_prob is still q).
+  """
+  if config.estimator != 'local':
+    raise ValueError(
+      'greedy_z_pres needs a model with independent proposals (estimator '
+      f"'local'), not {config.estimator!r}."
+    )
+  p = jnp.clip(config.z_pres_prior(step), 1e-35, 1.0 - 1e-7)
+  prior_logit = jnp.log(p) - jnp.log1p(-p)
+
+  def flip_best(_, out):
+    gain = (
+      local_signal(
+        out,
+        images,
+        config.z_where_prior(),
+        config.likelihood,
+        config.likelihood_std(step),
+        config.repulsion(step),
+      )
+      + prior_logit
+    )
+    gain = jnp.where(out.z_pres > 0.5, -gain, gain)  # Of flipping each.
+    best = jnp.argmax(gain, axis=1)
+    flip = (jnp.max(gain, axis=1) > 0)[:, None] & (
+      jnp.arange(gain.shape[1])[None] == best[:, None]
+    )
+    z_pres = jnp.where(flip, 1.0 - out.z_pres, out.z_pres)
+    canvas = spatial_transformer.windows_to_canvas(
+      out.windows, out.z_where, z_pres, images.shape[1:]
+    )
+    return out._replace(z_pres=z_pres, canvas=canvas)
+
+  return jax.lax.fori_loop(0, max_flips, flip_best, output)
+
+
 def local_expectation_surrogate(
   z_pres_prob: jax.Array, signal: jax.Array, mask: jax.Array
 ) -> jax.Array:
@@ -346,6 +496,7 @@ def local_object_objective(
   images: jax.Array,
   z_where_prior: distributions.NormalParams,
   likelihood_std: float | jax.Array = 0.3,
+  repulsion: tuple[float | jax.Array, float] | None = None,
 ) -> jax.Array:
   """[B] a surrogate for the continuous latents and the decoder of a model
   with independent proposals and a Normal likelihood: its gradient is
@@ -366,6 +517,10 @@ def local_object_objective(
     images: [B, H, W].
     z_where_prior: NormalParams, fields [3] or [N, 3].
     likelihood_std: the Normal likelihood's std.
+    repulsion: (strength, radius), see `repulsion_costs` (None: off);
+      proposal n's term is q_n strength sum_{j != n} z_pres_j phi_nj with
+      the gradient of z_where_n (that of z_where_j comes from proposal j's
+      term): the expectation over z_pres_n of the pair terms' gradient.
 
   Returns:
     [B] surrogate values.
@@ -377,8 +532,9 @@ def local_object_objective(
   z_pres = jax.lax.stop_gradient(output.z_pres)
   log_lik = (dot - (1.0 - z_pres) * 0.5 * sq_norm) / likelihood_std**2
   kl_where, kl_what = _object_kls(output, z_where_prior)
+  pairs = _repulsion_of_each(z_pres, output.z_where, repulsion)
   q = jax.lax.stop_gradient(output.z_pres_prob)
-  return jnp.sum(q * (log_lik - kl_where - kl_what), axis=1)
+  return jnp.sum(q * (log_lik - kl_where - kl_what - pairs), axis=1)
 
 
 def downstream_signal(log_lik: jax.Array, step_costs: jax.Array) -> jax.Array:
@@ -397,9 +553,10 @@ def downstream_signal(log_lik: jax.Array, step_costs: jax.Array) -> jax.Array:
 
 def step_costs(terms: ELBOTerms) -> jax.Array:
   """[B, N] the costs that step t's choice z_pres_t brings about:
-  cost_t = KL_where_t + KL_what_t + KL_pres_{t+1} (see the module doc)."""
+  cost_t = KL_where_t + KL_what_t + repulsion_t + KL_pres_{t+1} (see the
+  module doc)."""
   next_kl_pres = jnp.pad(terms.kl_pres[:, 1:], ((0, 0), (0, 1)))
-  return terms.kl_where + terms.kl_what + next_kl_pres
+  return terms.kl_where + terms.kl_what + terms.repulsion + next_kl_pres
 
 
 def z_pres_log_prob(
@@ -516,6 +673,7 @@ def air_loss(
     config.z_where_prior(),
     config.likelihood,
     config.likelihood_std(step),
+    config.repulsion(step),
   )
   mask = output.mask
   if config.estimator == 'local':
@@ -525,6 +683,7 @@ def air_loss(
       config.z_where_prior(),
       config.likelihood,
       config.likelihood_std(step),
+      config.repulsion(step),
     )
     surrogate = local_expectation_surrogate(output.z_pres_prob, signal, mask)
     objective = terms.elbo + surrogate
@@ -537,7 +696,11 @@ def air_loss(
 
       objective = jax.lax.stop_gradient(terms.elbo) + gradient_only(
         local_object_objective(
-          output, images, config.z_where_prior(), config.likelihood_std(step)
+          output,
+          images,
+          config.z_where_prior(),
+          config.likelihood_std(step),
+          config.repulsion(step),
         )
         - jnp.sum(terms.kl_pres, axis=1)
         + surrogate
@@ -598,8 +761,10 @@ def log_importance_weight(
   z_where_prior: distributions.NormalParams,
   likelihood: str = 'normal',
   likelihood_std: float = 0.3,
+  repulsion: tuple[float | jax.Array, float] | None = None,
 ) -> jax.Array:
-  """log p(x, z) - log q(z | x) at the sampled z (hard z_pres), per image.
+  """log p(x, z) - log q(z | x) at the sampled z (hard z_pres), per image
+  (p with the z_where prior's repulsion, `repulsion_costs`, if any).
 
   The average over samples is an ELBO estimate; log-mean-exp over K samples
   is the importance-weighted (IWAE) bound.
@@ -631,4 +796,5 @@ def log_importance_weight(
   per_step = (
     log_p_pres - log_q_pres + output.z_pres * (log_ratio_where + log_ratio_what)
   )
-  return ll + jnp.sum(per_step, axis=1)
+  pairs = _repulsion_costs_or_zeros(output, repulsion)
+  return ll + jnp.sum(per_step - pairs, axis=1)

@@ -207,6 +207,7 @@ def train_step(
     'kl_pres': jnp.mean(jnp.sum(terms.kl_pres, 1)),
     'kl_where': jnp.mean(jnp.sum(terms.kl_where, 1)),
     'kl_what': jnp.mean(jnp.sum(terms.kl_what, 1)),
+    'repulsion': jnp.mean(jnp.sum(terms.repulsion, 1)),
     'baseline_loss': aux.baseline_loss,
     'mean_count': jnp.mean(jnp.sum(out.z_pres, 1)),
     'z_pres_prior_prob': loss_config.z_pres_prior(state.step),

@@ -62,8 +62,16 @@ def _toy_output(rng, z_pres, theta):
   )
 
 
+# Off, and strong enough (radius 0.7) that every pair of the toy objects
+# (centres 0.36-0.58 apart) pays for it.
+REPULSIONS = [None, (5.0, 0.7)]
+
+
+@pytest.mark.parametrize('repulsion', REPULSIONS)
 @pytest.mark.parametrize('likelihood', ['normal', 'bernoulli'])
-def test_local_estimator_is_the_exact_gradient_by_enumeration(likelihood):
+def test_local_estimator_is_the_exact_gradient_by_enumeration(
+  likelihood, repulsion
+):
   """With the continuous latents fixed, E_z[grad of the surrogate] over all
   2^3 choices, weighted by q, equals the gradient of E_z[f(z)] - KL_pres."""
   rng = np.random.default_rng(0)
@@ -79,7 +87,9 @@ def test_local_estimator_is_the_exact_gradient_by_enumeration(likelihood):
   std = 0.4
 
   def f(out):
-    terms = objectives.elbo_terms(out, images, 0.1, prior, likelihood, std)
+    terms = objectives.elbo_terms(
+      out, images, 0.1, prior, likelihood, std, repulsion
+    )
     return terms.elbo + jnp.sum(terms.kl_pres, axis=1)  # f excludes KL_pres.
 
   def exact(theta):
@@ -93,7 +103,9 @@ def test_local_estimator_is_the_exact_gradient_by_enumeration(likelihood):
     q = jax.nn.sigmoid(theta)
     grads = 0.0
     for z, out in zip(choices, outputs):
-      signal = objectives.local_signal(out, images, prior, likelihood, std)
+      signal = objectives.local_signal(
+        out, images, prior, likelihood, std, repulsion
+      )
 
       def surrogate(theta, out=out, signal=signal):
         probs = jax.nn.sigmoid(theta)[None]
@@ -110,7 +122,10 @@ def test_local_estimator_is_the_exact_gradient_by_enumeration(likelihood):
   )
 
 
-def test_local_object_objective_is_the_expected_gradient_by_enumeration():
+@pytest.mark.parametrize('repulsion', REPULSIONS)
+def test_local_object_objective_is_the_expected_gradient_by_enumeration(
+  repulsion,
+):
   """Gradients through the objects (windows, z_where, z_what): the sum over
   all 2^3 choices, weighted by q, of the surrogate's gradient equals that of
   the ELBO without KL_pres (whose gradient reaches only present objects)."""
@@ -153,7 +168,7 @@ def test_local_object_objective_is_the_expected_gradient_by_enumeration():
     total = 0.0
     for z in choices:
       terms = objectives.elbo_terms(
-        output(phi, z), images, 0.1, prior, 'normal', 0.4
+        output(phi, z), images, 0.1, prior, 'normal', 0.4, repulsion
       )
       total += weight(z) * (terms.elbo + jnp.sum(terms.kl_pres, 1))[0]
     return total
@@ -161,7 +176,9 @@ def test_local_object_objective_is_the_expected_gradient_by_enumeration():
   def expected_estimate(phi):
     return sum(
       weight(z)
-      * objectives.local_object_objective(output(phi, z), images, prior, 0.4)[0]
+      * objectives.local_object_objective(
+        output(phi, z), images, prior, 0.4, repulsion
+      )[0]
       for z in choices
     )
 
@@ -171,15 +188,20 @@ def test_local_object_objective_is_the_expected_gradient_by_enumeration():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('repulsion', REPULSIONS)
 @pytest.mark.parametrize('likelihood', ['normal', 'bernoulli'])
-def test_local_signal_is_the_difference_of_drawing_each_object(likelihood):
+def test_local_signal_is_the_difference_of_drawing_each_object(
+  likelihood, repulsion
+):
   rng = np.random.default_rng(2)
   out = _toy_output(rng, [1.0, 0.0, 1.0], jnp.zeros(3))
   images = jnp.asarray(rng.random((1, 12, 10)), jnp.float32)
   prior = distributions.NormalParams(
     jnp.asarray([2.0, 0.0, 0.0]), jnp.asarray([0.3, 1.0, 1.0])
   )
-  signal = objectives.local_signal(out, images, prior, likelihood, 0.3)
+  signal = objectives.local_signal(
+    out, images, prior, likelihood, 0.3, repulsion
+  )
   for n in range(3):
     values = []
     for z_n in (1.0, 0.0):
@@ -195,9 +217,14 @@ def test_local_signal_is_the_difference_of_drawing_each_object(likelihood):
         jnp.asarray(canvas)[None], images, likelihood, 0.3
       )[0]
       terms = objectives.elbo_terms(
-        out._replace(z_pres=z), images, 0.5, prior, likelihood, 0.3
+        out._replace(z_pres=z), images, 0.5, prior, likelihood, 0.3, repulsion
       )
-      values.append(ll - terms.kl_where[0].sum() - terms.kl_what[0].sum())
+      values.append(
+        ll
+        - terms.kl_where[0].sum()
+        - terms.kl_what[0].sum()
+        - terms.repulsion[0].sum()
+      )
     np.testing.assert_allclose(
       signal[0, n], values[0] - values[1], rtol=1e-4, atol=1e-3
     )
@@ -294,6 +321,15 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
   )
   # 12 cells but 9 object slots: counts 0..9 and one column for 10 or more.
   assert result.confusion.shape == (11, 11) and np.isfinite(result.iwae)
+  refined = evaluation.evaluate(
+    model,
+    state.params,
+    helpers.one_object_split(images),
+    loss_config,
+    batch_size=4,
+    refine_flips=3,
+  )
+  assert refined.confusion.sum() == 8 and np.isfinite(refined.elbo)
   records = inference.infer_records(
     model, state.params, images.astype(np.float32) / 255.0
   )
@@ -351,3 +387,59 @@ def test_grid_max_shift_keeps_each_centre_in_its_cell():
   # Half a cell: 1/4 of the normalised width 2 across 4 columns, 1/2 down.
   np.testing.assert_allclose(shift[:, 0], 0.25, atol=1e-4)
   np.testing.assert_allclose(shift[:, 1], -0.5, atol=1e-4)
+
+
+@pytest.mark.parametrize('repulsion', [0.0, 5.0])
+def test_greedy_z_pres_climbs_to_a_local_maximum_by_enumeration(repulsion):
+  """From each of the 2^3 starts, the refined z_pres scores at least the
+  start's g = f + sum_n z_n logit(p) (f from `elbo_terms`, enumerated) and
+  no single flip of it scores higher; its canvas is redrawn."""
+  images = jnp.asarray(
+    np.random.default_rng(4).random((1, 12, 10)), jnp.float32
+  )
+  theta = jnp.zeros(3)
+  p = 0.3
+  config = objectives.LossConfig(
+    z_pres_prior=distributions.Schedule.constant(p),
+    z_where_prior_loc=(2.0, 0.0, 0.0),
+    z_where_prior_scale=(0.3, 1.0, 1.0),
+    likelihood_std=distributions.Schedule.constant(0.4),
+    baseline='none',
+    estimator='local',
+    repulsion_strength=distributions.Schedule.constant(repulsion),
+    repulsion_radius=0.7,
+  )
+
+  def toy(z):
+    return _toy_output(np.random.default_rng(1), z, theta)
+
+  def g(z):
+    terms = objectives.elbo_terms(
+      toy(z),
+      images,
+      p,
+      config.z_where_prior(),
+      'normal',
+      0.4,
+      config.repulsion(0),
+    )
+    f = terms.elbo + jnp.sum(terms.kl_pres, axis=1)
+    return float(f[0]) + float(np.sum(z)) * np.log(p / (1 - p))
+
+  moved = 0
+  for start in itertools.product((0.0, 1.0), repeat=3):
+    start = np.asarray(start, np.float32)
+    out = objectives.greedy_z_pres(toy(start), images, config, 0, max_flips=8)
+    z = np.asarray(out.z_pres[0])
+    moved += int(np.any(z != start))
+    assert g(z) >= g(start) - 1e-3
+    for n in range(3):
+      assert g(np.where(np.arange(3) == n, 1 - z, z)) <= g(z) + 1e-3
+    np.testing.assert_allclose(out.canvas, toy(z).canvas, atol=1e-5)
+    one = objectives.greedy_z_pres(toy(start), images, config, 0, max_flips=1)
+    assert np.sum(np.asarray(one.z_pres[0]) != start) <= 1
+  assert moved > 0  # The starts are not all maxima already.
+  with pytest.raises(ValueError, match='independent proposals'):
+    objectives.greedy_z_pres(
+      toy(start), images, objectives.LossConfig(), 0, max_flips=1
+    )

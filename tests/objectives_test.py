@@ -453,6 +453,8 @@ def test_loss_config_defaults_are_the_recipe_and_hashable():
     dict(likelihood_std=distributions.Schedule(1.0, -0.3, 10, 'linear')),
     dict(z_where_prior_scale=(0.2, 0.0, 1.0)),
     dict(moments_decay=1.0),
+    dict(repulsion_strength=distributions.Schedule(1.0, -1.0, 10, 'linear')),
+    dict(repulsion_radius=0.0),
   ],
 )
 def test_loss_config_rejects_invalid_settings(kwargs):
@@ -475,3 +477,63 @@ def test_signal_sums_add_up_across_shards_to_the_global_moments():
   picked = x[mask == 1].astype(np.float64)
   assert float(mean) == pytest.approx(picked.mean(), rel=1e-6)
   assert float(var) == pytest.approx(picked.var(), rel=1e-3)
+
+
+def test_repulsion_by_hand():
+  # Centres (x, y) = (0, 0), (0.1, 0), (0.05, 0), (0.06, 0.08) and one far
+  # away, radius 0.2: phi = 1 - d / 0.2 below 0.2 apart, else 0.
+  z_where = jnp.asarray(
+    [[[3.0, 0.0, 0.0], [2.0, 0.1, 0.0], [4.0, 0.05, 0.0], [3.0, 0.06, 0.08]]]
+  )
+  phi = np.asarray(distributions.repulsion_potential(z_where, z_where, 0.2))
+  assert phi[0, 0, 1] == pytest.approx(0.5)  # 0.1 apart.
+  assert phi[0, 0, 2] == pytest.approx(0.75)  # 0.05 apart.
+  assert phi[0, 0, 3] == pytest.approx(0.5)  # 0.1 apart (a 6-8-10 triangle).
+  assert phi[0, 1, 3] == pytest.approx(1 - np.hypot(0.04, 0.08) / 0.2)
+  np.testing.assert_allclose(phi[0], phi[0].T, atol=1e-7)
+  np.testing.assert_allclose(np.diag(phi[0]), 1.0, atol=1e-5)
+  far = jnp.asarray([[[3.0, 0.0, 0.0], [3.0, 0.0, 0.3]]])
+  assert float(distributions.repulsion_potential(far, far, 0.2)[0, 0, 1]) == 0
+  # Each present pair once, at its later step: strength 4, z_pres 1, 0, 1, 1.
+  z_pres = jnp.asarray([[1.0, 0.0, 1.0, 1.0]])
+  costs = np.asarray(objectives.repulsion_costs(z_pres, z_where, 4.0, 0.2))
+  pair_03 = 4 * 0.5
+  pair_23 = 4 * (1 - np.hypot(0.01, 0.08) / 0.2)
+  np.testing.assert_allclose(
+    costs[0], [0.0, 0.0, 4 * 0.75, pair_03 + pair_23], rtol=1e-5
+  )
+  assert not np.any(objectives.repulsion_costs(z_pres, z_where, 0.0, 0.2))
+  # Finite gradient where two centres coincide.
+  grad = jax.grad(
+    lambda w: objectives.repulsion_costs(jnp.ones((1, 2)), w, 4.0, 0.2).sum()
+  )(jnp.zeros((1, 2, 3)))
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_repulsion_enters_the_elbo_the_log_weights_and_the_step_costs():
+  out = sample_outputs(jax.random.key(8), 16)
+  images = jnp.broadcast_to(jnp.asarray(IMAGE), (16, H, H))
+  out = out._replace(
+    z_where=out.z_where.at[..., 1:].set(0.0), z_pres=jnp.ones_like(out.z_pres)
+  )
+  plain = objectives.elbo_terms(out, images, PRIOR_P, WHERE_P, 'normal', STD)
+  repelled = objectives.elbo_terms(
+    out, images, PRIOR_P, WHERE_P, 'normal', STD, (3.0, 0.5)
+  )
+  # Every centre at (0, 0): each of the N (N - 1) / 2 pairs costs 3 nats.
+  pairs = N_STEPS * (N_STEPS - 1) / 2
+  np.testing.assert_allclose(plain.elbo - repelled.elbo, 3.0 * pairs, rtol=1e-5)
+  np.testing.assert_allclose(
+    objectives.step_costs(repelled) - objectives.step_costs(plain),
+    np.tile(3.0 * np.arange(N_STEPS), (16, 1)),
+    rtol=1e-5,
+  )
+
+  def log_w(repulsion):
+    return objectives.log_importance_weight(
+      out, images, PRIOR_P, WHERE_P, 'normal', STD, repulsion
+    )
+
+  np.testing.assert_allclose(
+    log_w(None) - log_w((3.0, 0.5)), 3.0 * pairs, rtol=1e-5
+  )

@@ -57,6 +57,7 @@ def test_one_train_step_is_finite_in_range_and_compiles_once():
   assert 0.0 <= metrics['mean_count'] <= config.model.max_steps
   for name in ('kl_pres', 'kl_where', 'kl_what', 'baseline_loss', 'grad_norm'):
     assert metrics[name] >= 0.0, name
+  assert metrics['repulsion'] == 0.0  # Off in the default config.
   assert metrics['elbo'] == pytest.approx(
     metrics['log_likelihood']
     - metrics['kl_pres']

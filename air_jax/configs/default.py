@@ -90,6 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-step prior p of z_pres: a schedule (kind 'constant', 'exponential'
   # (log-linear) or 'linear' from init at step 0 to final at anneal_steps).
   config.z_pres_prior = _schedule(1e-5, 1e-5, 0, 'constant')
+  # Repulsion of the z_where prior: a pair of present objects whose window
+  # centres are d < radius apart (normalised coordinates: the image spans
+  # [-1, 1]) costs strength * (1 - d / radius) nats; the strength is a
+  # schedule (as the z_pres prior), 0 throughout is off.
+  config.z_where_repulsion = _schedule(0.0, 0.0, 0, 'constant')
+  config.z_where_repulsion_radius = 0.25
   config.likelihood = 'normal'  # Pixel likelihood: 'normal' or 'bernoulli'.
   # Pixel std of the Normal likelihood: a schedule, 1.0 -> 0.3 over 5k steps.
   config.likelihood_std = _schedule(1.0, 0.3, 5_000, 'exponential')
