@@ -4,12 +4,14 @@ Glossary of shapes: M images, H, W image (50 x 50 for the shipped models),
 N steps.
 """
 
+import functools
 import json
 import os
 import pathlib
 import re
 import struct
 from typing import Any
+from typing import NamedTuple
 import warnings
 import zipfile
 import zlib
@@ -22,12 +24,14 @@ from PIL import Image
 from air_jax import air
 from air_jax import checkpointing
 from air_jax import files
+from air_jax import objectives
 from air_jax import spatial_transformer
 from air_jax import visualization
 
 __all__ = [
   'InputError',
   'PICTURE_NAME',
+  'Refinement',
   'check_images',
   'image_shape',
   'infer',
@@ -358,18 +362,43 @@ def load(checkpoint: str):
     raise InputError(str(e)) from e
 
 
+class Refinement(NamedTuple):
+  """Posterior modes refined by `objectives.greedy_z_pres` (grid models)."""
+
+  loss_config: objectives.LossConfig  # The model's objective.
+  max_flips: int
+  step: int  # The training step its schedules are read at.
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'refine'))
+def _modes(model, params, images: jax.Array, refine: Refinement | None):
+  """The posterior modes, refined if `refine` is given."""
+  out = model.apply({'params': params}, images, deterministic=True)
+  if refine is not None:
+    out = objectives.greedy_z_pres(
+      out, images, refine.loss_config, refine.step, refine.max_flips
+    )
+  return out
+
+
 def infer_records(
-  model, params, images: np.ndarray, batch_size: int = 256
+  model,
+  params,
+  images: np.ndarray,
+  batch_size: int = 256,
+  refine: Refinement | None = None,
 ) -> list[dict[str, Any]]:
   """AIR's reading of each image as JSON-ready records.
 
-  Posterior modes are used (z_pres = q > 0.5, z_where = its mean).
+  Posterior modes are used (z_pres = q > 0.5, z_where = its mean), refined
+  if `refine` is given.
 
   Args:
     model: AIR module.
     params: its parameters.
     images: [M, H, W] float32 in [0, 1].
     batch_size: images per forward pass.
+    refine: optional Refinement (models with independent proposals).
 
   Returns:
     One record per image: {"index", "count", "objects": [{"step",
@@ -381,8 +410,8 @@ def infer_records(
   """
   records = []
   for lo in range(0, len(images), batch_size):
-    out = air.posterior_modes(
-      model, params, jnp.asarray(images[lo : lo + batch_size])
+    out = _modes(
+      model, params, jnp.asarray(images[lo : lo + batch_size]), refine
     )
     size = tuple(images.shape[1:])
     windows = np.stack(
@@ -446,14 +475,20 @@ def is_pictures_folder(directory: str) -> bool:
 
 
 def render_pictures(
-  model, params, images: np.ndarray, directory: str, batch_size: int = 256
+  model,
+  params,
+  images: np.ndarray,
+  directory: str,
+  batch_size: int = 256,
+  refine: Refinement | None = None,
 ) -> list[str]:
   """Writes `00000.png`, ... (each present step's window drawn on the
-  input) into the existing folder `directory`."""
+  input) into the existing folder `directory` (modes refined if `refine`
+  is given)."""
   paths = []
   for lo in range(0, len(images), batch_size):
     batch = images[lo : lo + batch_size]
-    out = jax.device_get(air.posterior_modes(model, params, jnp.asarray(batch)))
+    out = jax.device_get(_modes(model, params, jnp.asarray(batch), refine))
     for i in range(len(batch)):
       pic = visualization.draw_boxes(batch[i], out.z_pres[i], out.z_where[i])
       path = os.path.join(directory, f'{lo + i:05d}.png')
@@ -463,17 +498,21 @@ def render_pictures(
 
 
 def write_pictures(
-  model, params, images: np.ndarray, directory: str
+  model,
+  params,
+  images: np.ndarray,
+  directory: str,
+  refine: Refinement | None = None,
 ) -> list[str]:
   """One PNG per image with each present step's window drawn on the input.
 
   The pictures are written into a temp folder beside `directory`, which is
   renamed to `directory` when all are done: `directory` must not exist, or
   be empty, or hold only an earlier output (`is_pictures_folder`), which is
-  then replaced.
+  then replaced. `refine`: see `infer_records`.
   """
   with files.temp_dir_beside(directory) as tmp:
-    render_pictures(model, params, images, tmp)
+    render_pictures(model, params, images, tmp, refine=refine)
     files.publish_dir(tmp, directory, may_replace=is_pictures_folder)
   return [os.path.join(directory, f'{i:05d}.png') for i in range(len(images))]
 

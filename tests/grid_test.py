@@ -343,6 +343,17 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
   np.savez(npz, images=images)
   records_cli = infer_cli.infer(str(export), str(npz), str(tmp_path / 'a.json'))
   assert records_cli == records
+  # Refined modes: the library and the CLI agree (the CLI reads the
+  # schedules at the config's last step).
+  refine = inference.Refinement(loss_config, 3, config.num_train_steps)
+  refined = inference.infer_records(
+    model, state.params, images.astype(np.float32) / 255.0, refine=refine
+  )
+  assert [r['count'] for r in refined] == [len(r['objects']) for r in refined]
+  refined_cli = infer_cli.infer(
+    str(export), str(npz), str(tmp_path / 'c.json'), refine_flips=3
+  )
+  assert refined_cli == refined
   with pytest.raises(SystemExit):
     infer_cli.infer(str(export), str(npz), str(tmp_path / 'b.json'), None, 20)
   assert '--max_steps applies to the sequential' in capsys.readouterr().err

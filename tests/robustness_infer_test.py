@@ -320,6 +320,15 @@ def test_bad_checkpoints_are_refused(work, capsys):
     assert says in line, (name, line)
   line = refused(capsys, infer.infer, str(work / 'nowhere'), images, str(out))
   assert 'no such file' in line
+  # --refine_flips: not negative, and only for grid models (this is AIR).
+  line = refused(
+    capsys, infer.infer, str(export), images, str(out), refine_flips=-1
+  )
+  assert '--refine_flips must be >= 0' in line
+  line = refused(
+    capsys, infer.infer, str(export), images, str(out), refine_flips=2
+  )
+  assert "model.kind 'grid'" in line
   # A workdir whose every checkpoint holds NaN parameters.
   line = refused(capsys, infer.infer, str(work / 'nan_run'), images, str(out))
   assert 'step 2' in line and 'step 1' in line and 'NaN' in line, line

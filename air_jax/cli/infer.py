@@ -14,12 +14,17 @@ drawn into a temp folder beside --pictures and the JSON into a temp file
 beside --output; only when both are complete are they renamed into place
 (the pictures first, the JSON last). --pictures must be a new or empty
 folder, or one holding only an earlier run's pictures (then replaced).
+
+--refine_flips=K (grid models): the posterior modes refined by up to K
+single z_pres flips, each raising the model's own objective
+(`objectives.greedy_z_pres`), as `air-evaluate --refine_flips` counts.
 """
 
 from absl import flags
 
 from air_jax import checkpointing
 from air_jax import cli
+from air_jax import configuration
 from air_jax import files
 from air_jax import inference
 
@@ -38,6 +43,13 @@ _MAX_STEPS = flags.DEFINE_integer(
   'The recurrence shares its parameters over steps, so more steps need no '
   'retraining (DAIR extrapolates to more objects than it was trained on). '
   'Sequential models only: a grid model proposes one object per cell.',
+)
+_REFINE = flags.DEFINE_integer(
+  'refine_flips',
+  0,
+  'Grid models: refine the posterior modes by flipping up to this many '
+  'z_pres, each raising the model objective (objectives.greedy_z_pres); '
+  "0: the encoder's modes.",
 )
 
 
@@ -61,6 +73,7 @@ def infer(
   output: str | None,
   pictures: str | None = None,
   max_steps: int | None = None,
+  refine_flips: int = 0,
 ) -> list:
   """The program without its flags: checks everything, infers, writes the
   JSON (and pictures); every failure ends in `cli.fail` (one line, exit 1)
@@ -68,6 +81,8 @@ def infer(
   check_paths(checkpoint, images, output, pictures)
   if max_steps is not None and max_steps < 1:
     cli.fail(f'--max_steps must be >= 1, got {max_steps}.')
+  if refine_flips < 0:
+    cli.fail(f'--refine_flips must be >= 0, got {refine_flips}.')
   with cli.one_line_errors():
     # The images first: a bad file is refused before any model is built.
     config = checkpointing.load_valid_config(checkpoint)
@@ -80,11 +95,23 @@ def infer(
           f"'air'); this checkpoint's model is {config.model.kind!r}."
         )
       model = model.clone(max_steps=max_steps)
-    records = inference.infer_records(model, params, pixels)
+    refine = None
+    if refine_flips:
+      if config.model.kind != 'grid':
+        cli.fail(
+          '--refine_flips needs a model with independent proposals '
+          f"(model.kind 'grid'); this checkpoint's is {config.model.kind!r}."
+        )
+      refine = inference.Refinement(
+        configuration.loss_config(config),
+        refine_flips,
+        int(config.num_train_steps),
+      )
+    records = inference.infer_records(model, params, pixels, refine=refine)
     data = inference.records_json(records).encode('utf-8')
     with files.staged_bytes(output, data) as commit:
       if pictures:
-        inference.write_pictures(model, params, pixels, pictures)
+        inference.write_pictures(model, params, pixels, pictures, refine)
       commit()
   return records
 
@@ -97,6 +124,7 @@ def main(argv):
     _OUTPUT.value,
     _PICTURES.value,
     _MAX_STEPS.value,
+    _REFINE.value,
   )
   print(f'{len(records)} images -> {_OUTPUT.value}')
 
