@@ -221,6 +221,39 @@ def define_string(name: str, default: str | None, help_text: str):
   return flags.DEFINE_string(name, default, help_text)
 
 
+def define_refine_flips():
+  """The --refine_flips flag of air-evaluate and air-infer (defined once
+  when both programs' modules are imported in one process)."""
+  if 'refine_flips' in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS['refine_flips'])
+  return flags.DEFINE_integer(
+    'refine_flips',
+    0,
+    'Grid models: refine the posterior modes by flipping up to this many '
+    'z_pres, each raising the model objective (objectives.greedy_z_pres); '
+    "0: the encoder's modes.",
+  )
+
+
+def refinement(config, refine_flips: int) -> inference.Refinement | None:
+  """The Refinement --refine_flips asks for (None for 0); fails (one line)
+  when it is negative or the checkpoint's model is not a grid model."""
+  if refine_flips < 0:
+    fail(f'--refine_flips must be >= 0, got {refine_flips}.')
+  if not refine_flips:
+    return None
+  if config.model.kind != 'grid':
+    fail(
+      '--refine_flips needs a model with independent proposals '
+      f"(model.kind 'grid'); this checkpoint's is {config.model.kind!r}."
+    )
+  return inference.Refinement(
+    configuration.loss_config(config),
+    refine_flips,
+    int(config.num_train_steps),
+  )
+
+
 # --- Paths -----------------------------------------------------------------
 
 

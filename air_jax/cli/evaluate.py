@@ -48,13 +48,7 @@ _BUILDER_CONFIG = flags.DEFINE_string(
 )
 _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0, 'Per split; 0: all.')
 _BATCH = flags.DEFINE_integer('batch_size', 500, 'Images per batch.')
-_REFINE = flags.DEFINE_integer(
-  'refine_flips',
-  0,
-  'Grid models: refine the posterior modes by flipping up to this many '
-  'z_pres, each raising the model objective (objectives.greedy_z_pres); '
-  "0: the encoder's modes.",
-)
+_REFINE = cli.define_refine_flips()
 
 
 def check_split_names(builder_config: str, splits) -> None:
@@ -109,11 +103,7 @@ def evaluate(
     config = checkpointing.load_valid_config(checkpoint)
     if not builder_config:  # The checkpoint's.
       check_split_names(config.data.builder_config, splits)
-    if refine_flips and config.model.kind != 'grid':
-      cli.fail(
-        '--refine_flips needs a model with independent proposals '
-        f"(model.kind 'grid'); this checkpoint's is {config.model.kind!r}."
-      )
+    cli.refinement(config, refine_flips)  # Checks the flag (one line).
     report = evaluation.evaluate_checkpoint(
       checkpoint,
       splits=splits,

@@ -24,7 +24,6 @@ from absl import flags
 
 from air_jax import checkpointing
 from air_jax import cli
-from air_jax import configuration
 from air_jax import files
 from air_jax import inference
 
@@ -44,13 +43,7 @@ _MAX_STEPS = flags.DEFINE_integer(
   'retraining (DAIR extrapolates to more objects than it was trained on). '
   'Sequential models only: a grid model proposes one object per cell.',
 )
-_REFINE = flags.DEFINE_integer(
-  'refine_flips',
-  0,
-  'Grid models: refine the posterior modes by flipping up to this many '
-  'z_pres, each raising the model objective (objectives.greedy_z_pres); '
-  "0: the encoder's modes.",
-)
+_REFINE = cli.define_refine_flips()
 
 
 def check_paths(checkpoint, images, output, pictures) -> None:
@@ -81,8 +74,6 @@ def infer(
   check_paths(checkpoint, images, output, pictures)
   if max_steps is not None and max_steps < 1:
     cli.fail(f'--max_steps must be >= 1, got {max_steps}.')
-  if refine_flips < 0:
-    cli.fail(f'--refine_flips must be >= 0, got {refine_flips}.')
   with cli.one_line_errors():
     # The images first: a bad file is refused before any model is built.
     config = checkpointing.load_valid_config(checkpoint)
@@ -95,18 +86,7 @@ def infer(
           f"'air'); this checkpoint's model is {config.model.kind!r}."
         )
       model = model.clone(max_steps=max_steps)
-    refine = None
-    if refine_flips:
-      if config.model.kind != 'grid':
-        cli.fail(
-          '--refine_flips needs a model with independent proposals '
-          f"(model.kind 'grid'); this checkpoint's is {config.model.kind!r}."
-        )
-      refine = inference.Refinement(
-        configuration.loss_config(config),
-        refine_flips,
-        int(config.num_train_steps),
-      )
+    refine = cli.refinement(config, refine_flips)
     records = inference.infer_records(model, params, pixels, refine=refine)
     data = inference.records_json(records).encode('utf-8')
     with files.staged_bytes(output, data) as commit:
