@@ -51,6 +51,7 @@ _GRID_FIELDS = (
   'z_where_prior_scale',
   'z_pres_logit_bound',
   'z_where_scale_range',
+  'z_pres_init_prob',
 )
 _POSITIVE_INTS = (
   'batch_size',
@@ -187,6 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{name} must be finite and > 0, got {value!r}.')
   for name in (
     'grad_clip_norm',
+    'z_pres_warmup_steps',
     'model.unroll',
     'eval_max_examples',
     'model.grid_max_shift',
@@ -194,6 +196,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = float(fields[name])
     if not (math.isfinite(value) and value >= 0):
       raise ConfigError(f'{name} must be finite and >= 0, got {value!r}.')
+  init_prob = float(fields['model.z_pres_init_prob'])
+  bound = float(fields['model.z_pres_logit_bound'])
+  if not 0 < init_prob < 1 or (
+    config.model.kind == 'grid'
+    and bound > 0
+    and abs(math.log(init_prob / (1 - init_prob))) >= bound
+  ):
+    raise ConfigError(
+      'model.z_pres_init_prob must be in (0, 1) with its logit inside '
+      f'model.z_pres_logit_bound ({bound:g}), got {init_prob!r}.'
+    )
   k = int(config.steps_per_dispatch)
   for name in _PERIODS + ('num_train_steps',):
     if int(fields[name]) % k:
@@ -315,7 +328,12 @@ def create_model(config: ml_collections.ConfigDict) -> air.AIR | grid.GridAIR:
   `kind` is 'grid' (field names match the module's attributes)."""
   fields = dict(config.model)
   kind = fields.pop('kind')
-  grid_only = ('grid_size', 'grid_features', 'grid_max_shift')
+  grid_only = (
+    'grid_size',
+    'grid_features',
+    'grid_max_shift',
+    'z_pres_init_prob',
+  )
   if kind == 'grid':
     fields = {k: fields[k] for k in _GRID_FIELDS}
   else:
@@ -369,6 +387,7 @@ def loss_config(config: ml_collections.ConfigDict) -> objectives.LossConfig:
     ),
     repulsion_strength=schedule(config.z_where_repulsion),
     repulsion_radius=float(config.z_where_repulsion_radius),
+    z_pres_warmup_steps=int(config.z_pres_warmup_steps),
   )
 
 

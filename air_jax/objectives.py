@@ -138,6 +138,9 @@ class LossConfig:
       0 throughout is off.
     repulsion_radius: centre distance (normalised coordinates) from which a
       pair costs nothing.
+    z_pres_warmup_steps: before this step q(z_pres) gets no gradient (it
+      stays at its initial value while the decoder and the continuous
+      latents learn to draw); 0: from the start.
   """
 
   z_pres_prior: distributions.Schedule = distributions.Schedule.constant(1e-5)
@@ -155,8 +158,13 @@ class LossConfig:
     0.0
   )
   repulsion_radius: float = 0.25
+  z_pres_warmup_steps: int = 0
 
   def __post_init__(self):
+    if self.z_pres_warmup_steps < 0:
+      raise ValueError(
+        f'z_pres_warmup_steps must be >= 0, got {self.z_pres_warmup_steps}.'
+      )
     strength = (self.repulsion_strength.init, self.repulsion_strength.final)
     if min(strength) < 0 or self.repulsion_radius <= 0:
       raise ValueError(
@@ -666,6 +674,13 @@ def air_loss(
   Returns:
     (loss, LossAux).
   """
+  if config.z_pres_warmup_steps:
+    # The same values; no gradient reaches q(z_pres) during the warm-up.
+    learn = jnp.asarray(step) >= config.z_pres_warmup_steps
+    q = output.z_pres_prob
+    output = output._replace(
+      z_pres_prob=jnp.where(learn, q, jax.lax.stop_gradient(q))
+    )
   terms = elbo_terms(
     output,
     images,

@@ -2,7 +2,9 @@
 
 import math
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from air_jax import air
@@ -114,7 +116,9 @@ def test_learning_rates_must_be_finite_and_positive(name, value):
   assert name in _rejection(_config(**{name: value}))
 
 
-@pytest.mark.parametrize('name', ['grad_clip_norm', 'eval_max_examples'])
+@pytest.mark.parametrize(
+  'name', ['grad_clip_norm', 'eval_max_examples', 'z_pres_warmup_steps']
+)
 def test_negative_or_non_finite_limits(name):
   assert name in _rejection(_config(**{name: -1}))
   assert name in _rejection(_config(**{name: math.nan}))
@@ -196,6 +200,27 @@ def test_a_good_z_where_scale_range_validates_and_reaches_the_model():
   assert configuration.create_model(config).z_where_scale_range == (1.0, 4.0)
 
 
+@pytest.mark.parametrize('value', [0.0, 1.0, -0.1, math.nan, 1e-4, 0.999])
+def test_grid_z_pres_init_prob_in_range_and_inside_the_logit_bound(value):
+  # The grid config bounds the logit to +-6: q in (0.0025, 0.9975).
+  config = grid.get_config()
+  config.model.z_pres_init_prob = value
+  assert 'z_pres_init_prob' in _rejection(config)
+
+
+def test_grid_z_pres_init_prob_sets_the_first_q_of_every_cell():
+  config = grid.get_config()
+  config.model.z_pres_init_prob = 0.2
+  configuration.validate(config)
+  model = configuration.create_model(config)
+  params = air.init_params(model, 0)
+  images = jax.random.uniform(jax.random.key(0), (2, 48, 48))
+  out = model.apply(
+    {'params': params}, images, rngs={'sample': jax.random.key(1)}
+  )
+  np.testing.assert_allclose(out.z_pres_prob, 0.2, atol=0.01)
+
+
 def test_create_model_of_the_default_is_the_default_model():
   model = configuration.create_model(default.get_config())
   assert model == air.AIR()
@@ -233,7 +258,9 @@ def test_loss_config_of_the_default_is_the_default_loss():
   )
   config.likelihood = 'bernoulli'
   config.moments_decay = 0.5
+  config.z_pres_warmup_steps = 300
   loss = configuration.loss_config(config)
+  assert loss.z_pres_warmup_steps == 300
   assert loss.z_pres_prior == distributions.Schedule(0.5, 1e-3, 100, 'linear')
   assert loss.likelihood == 'bernoulli'
   assert loss.moments_decay == 0.5

@@ -537,3 +537,34 @@ def test_repulsion_enters_the_elbo_the_log_weights_and_the_step_costs():
   np.testing.assert_allclose(
     log_w(None) - log_w((3.0, 0.5)), 3.0 * pairs, rtol=1e-5
   )
+
+
+@pytest.mark.parametrize('estimator', ['downstream', 'local'])
+def test_z_pres_warmup_stops_only_the_gradient_of_q(estimator):
+  m = 64
+  out = sample_outputs(jax.random.key(11), m)
+  images = jnp.broadcast_to(jnp.asarray(IMAGE), (m, H, H))
+  kwargs = {'baseline': 'plain' if estimator == 'downstream' else 'none'}
+  plain = _loss_config(estimator=estimator, **kwargs)
+  warm = _loss_config(estimator=estimator, z_pres_warmup_steps=100, **kwargs)
+
+  def grads(config, step):
+    def loss(q, where_loc):
+      o = out._replace(z_pres_prob=q, z_where_loc=where_loc)
+      return objectives.air_loss(o, images, config, step)[0]
+
+    value = loss(out.z_pres_prob, out.z_where_loc)
+    return value, jax.grad(loss, (0, 1))(out.z_pres_prob, out.z_where_loc)
+
+  for step in (0, 99):
+    value, (d_q, d_where) = grads(warm, step)
+    ref_value, (ref_q, ref_where) = grads(plain, step)
+    assert value == pytest.approx(float(ref_value))
+    np.testing.assert_array_equal(d_q, 0.0)
+    assert np.any(np.asarray(ref_q) != 0)
+    np.testing.assert_allclose(d_where, ref_where, rtol=1e-6, atol=1e-9)
+  _, (d_q, _) = grads(warm, 100)
+  _, (ref_q, _) = grads(plain, 100)
+  np.testing.assert_allclose(d_q, ref_q, rtol=1e-6, atol=1e-9)
+  with pytest.raises(ValueError, match='z_pres_warmup_steps'):
+    _loss_config(z_pres_warmup_steps=-1)

@@ -86,10 +86,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Grid model: how far (in cells) a proposal's centre may move from its
   # cell's centre (posterior mean; 0.5 keeps it inside, 0 is unbounded).
   config.model.grid_max_shift = 0.0
+  # Grid model: q(z_pres = 1) of every cell at initialisation (about the
+  # share of cells holding an object; GridAIR.z_pres_init_prob).
+  config.model.z_pres_init_prob = 0.05
 
   # Per-step prior p of z_pres: a schedule (kind 'constant', 'exponential'
   # (log-linear) or 'linear' from init at step 0 to final at anneal_steps).
   config.z_pres_prior = _schedule(1e-5, 1e-5, 0, 'constant')
+  # Steps before q(z_pres) learns: until then it stays at its initial value
+  # while the decoder and the continuous latents learn (0: from the start).
+  config.z_pres_warmup_steps = 0
   # Repulsion of the z_where prior: a pair of present objects whose window
   # centres are d < radius apart (normalised coordinates: the image spans
   # [-1, 1]) costs strength * (1 - d / radius) nats; the strength is a
