@@ -51,8 +51,11 @@ what crowded scenes need (0.95).
 
 Extrapolation (trained on 0-5 digits, counted on 6-9):
   --config.data.train_split=train_0to5 --config.data.eval_split=test_6to9.
-  Measured: on 0-5 digits this recipe collapsed (every q at its floor by 1k
-  steps, no object drawn; RESULTS.md).
+  On 0-5 digits this recipe collapses (every q at its floor within a few
+  hundred steps, no object drawn); with --config.z_pres_warmup_steps=1000
+  (q(z_pres) learns from step 1,000, after the decoder) it does not:
+  trained for 10k steps, test_6to9 count accuracy 0.35, 0.56 refined
+  (RESULTS.md; the target is 0.80).
 """
 
 from air_jax.configs import many
