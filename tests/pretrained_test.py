@@ -10,12 +10,17 @@ PRETRAINED = helpers.REPO / 'pretrained'
 IMAGES = np.load(helpers.TESTDATA / 'pretrained_images.npz')
 
 
-def _counts(name, split):
+def _inferred_counts(name, images):
   directory = PRETRAINED / name
   if not (directory / 'config.json').is_file():
     pytest.fail(f'{directory} is missing: the shipped checkpoint must exist.')
-  records = inference.infer(str(directory), IMAGES[f'{split}_images'])
-  return np.array([r['count'] for r in records]), IMAGES[f'{split}_counts']
+  records = inference.infer(str(directory), images)
+  return np.array([r['count'] for r in records])
+
+
+def _counts(name, split):
+  inferred = _inferred_counts(name, IMAGES[f'{split}_images'])
+  return inferred, IMAGES[f'{split}_counts']
 
 
 @pytest.mark.parametrize('name', ['air', 'dair'])
@@ -31,10 +36,6 @@ def test_shipped_grid_checkpoint_counts_crowded_canvases():
   # 0.67 of the whole test split (0.79 refined; RESULTS.md); an untrained
   # or broken model counts only the empty canvases (3 of these 40).
   data = np.load(helpers.TESTDATA / 'many_images.npz')
-  directory = PRETRAINED / 'many'
-  if not (directory / 'config.json').is_file():
-    pytest.fail(f'{directory} is missing: the shipped checkpoint must exist.')
-  records = inference.infer(str(directory), data['images'])
-  inferred = np.array([r['count'] for r in records])
+  inferred = _inferred_counts('many', data['images'])
   assert np.mean(inferred == data['counts']) >= 0.5, (inferred, data['counts'])
   assert np.all(np.abs(inferred - data['counts']) <= 3)
