@@ -17,8 +17,8 @@ several timed blocks, median and best):
   * vmapped sweeps of S seeds (train.train_sweep's program);
   * inference (deterministic guide pass) ms/image at batch 1 and 64;
   * train and inference cost against max_steps (batch 64), for the default
-    config and for the crowded one (configs/many.py: 48 x 48, DAIR);
-  * the grid model (configs/grid.py), whose cost does not depend on the
+    config and for the crowded one (configs/many_dair.py: 48 x 48, DAIR);
+  * the grid model (configs/many.py), whose cost does not depend on the
     number of objects, for 4 x 4, 6 x 6 and 8 x 8 cells;
   * the same on real training canvases with the shipped AIR's parameters
     (pretrained/air), max_steps 3 and 10, finished steps skipped or not;
@@ -44,8 +44,8 @@ import numpy as np
 
 from air_jax import visualization
 from air_jax.configs import default
-from air_jax.configs import grid
 from air_jax.configs import many
+from air_jax.configs import many_dair
 from benchmarks import measure
 
 _OUTPUT = flags.DEFINE_string(
@@ -152,7 +152,7 @@ def measure_all(plan: _Plan, rss: bool, real_params: str) -> dict:
     flush=True,
   )
 
-  for module, suffix in ((default, ''), (many, '_many')):
+  for module, suffix in ((default, ''), (many_dair, '_many')):
     timings = _cost_by_max_steps(plan, module)
     if module is default:
       times, infer = timings[str(base.model.max_steps)]
@@ -267,7 +267,7 @@ def _grid_cost(plan: _Plan) -> dict:
   the same for a canvas of any number of objects."""
   train_ms, infer_ms = {}, {}
   for side in (4, 6, 8):
-    config = _config(grid, model_grid_size=(side, side))
+    config = _config(many, model_grid_size=(side, side))
     times = measure.train_step_times(config, plan.blocks, plan.per_block)
     infer = measure.infer_times(config, 64, plan.blocks, 10)
     cells = str(side * side)
@@ -345,7 +345,7 @@ def max_steps_png(r) -> np.ndarray:
     series = []
     for suffix, colour, name in (
       ('', 0, 'default (50x50, AIR)'),
-      ('_many', 2, 'many (48x48, DAIR)'),
+      ('_many', 2, 'many_dair (48x48, DAIR)'),
     ):
       if key + suffix in r:
         points = np.array(_by_size(r[key + suffix]), float)
@@ -439,7 +439,7 @@ def format_table(r) -> str:
     out.append(f'  (one run alone: {one:.0f}, the {k}-step function above)')
   for suffix, what in (
     ('', ''),
-    ('_many', 'crowded config (configs/many.py), '),
+    ('_many', 'crowded DAIR config (configs/many_dair.py), '),
   ):
     if f'train_ms_per_step_by_max_steps{suffix}' in r:
       train_ms = r[f'train_ms_per_step_by_max_steps{suffix}']
@@ -452,7 +452,7 @@ def format_table(r) -> str:
       ]
   if 'train_ms_per_step_by_cells_grid' in r:
     out += [
-      'grid config (configs/grid.py), cost against its cells, for any '
+      'grid config (configs/many.py), cost against its cells, for any '
       'number of objects (batch 64):',
       _header('cells', r['train_ms_per_step_by_cells_grid']),
       _series('train ms/step', r['train_ms_per_step_by_cells_grid'], '.1f'),

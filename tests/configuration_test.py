@@ -13,8 +13,8 @@ from air_jax import distributions
 from air_jax import objectives
 from air_jax.configs import dair
 from air_jax.configs import default
-from air_jax.configs import grid
 from air_jax.configs import many
+from air_jax.configs import many_dair
 from air_jax.configs import test as tiny
 
 
@@ -46,7 +46,7 @@ def _rejection(config) -> str:
   return message
 
 
-@pytest.mark.parametrize('module', [default, dair, many, grid, tiny])
+@pytest.mark.parametrize('module', [default, dair, many, many_dair, tiny])
 def test_shipped_configs_validate(module):
   configuration.validate(module.get_config())
 
@@ -203,13 +203,13 @@ def test_a_good_z_where_scale_range_validates_and_reaches_the_model():
 @pytest.mark.parametrize('value', [0.0, 1.0, -0.1, math.nan, 1e-4, 0.999])
 def test_grid_z_pres_init_prob_in_range_and_inside_the_logit_bound(value):
   # The grid config bounds the logit to +-6: q in (0.0025, 0.9975).
-  config = grid.get_config()
+  config = many.get_config()
   config.model.z_pres_init_prob = value
   assert 'z_pres_init_prob' in _rejection(config)
 
 
 def test_grid_z_pres_init_prob_sets_the_first_q_of_every_cell():
-  config = grid.get_config()
+  config = many.get_config()
   config.model.z_pres_init_prob = 0.2
   configuration.validate(config)
   model = configuration.create_model(config)
@@ -233,7 +233,7 @@ def test_create_model_of_the_default_is_the_default_model():
     8,
     16,
   )
-  crowded = configuration.create_model(many.get_config())
+  crowded = configuration.create_model(many_dair.get_config())
   assert crowded == air.AIR(
     image_size=(48, 48),
     window_size=(14, 14),

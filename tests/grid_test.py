@@ -22,7 +22,7 @@ from air_jax import objectives
 from air_jax import spatial_transformer as st
 from air_jax import train
 from air_jax.cli import infer as infer_cli
-from air_jax.configs import grid as grid_config
+from air_jax.configs import many as many_config
 from tests import helpers
 
 
@@ -259,7 +259,7 @@ def test_grid_model_outputs_and_modes():
 
 
 def _grid_test_config():
-  config = grid_config.get_config()
+  config = many_config.get_config()
   config.model.image_size = (40, 56)
   config.model.window_size = (12, 10)
   config.model.grid_size = (3, 4)
@@ -270,8 +270,8 @@ def _grid_test_config():
   return config
 
 
-def test_grid_config_builds_the_grid_model_and_its_estimator():
-  config = grid_config.get_config()
+def test_many_config_builds_the_grid_model_and_its_estimator():
+  config = many_config.get_config()
   configuration.validate(config)
   model = configuration.create_model(config)
   assert isinstance(model, grid.GridAIR) and model.grid == (8, 8)
@@ -282,7 +282,7 @@ def test_grid_config_builds_the_grid_model_and_its_estimator():
   config.normalised_baseline = True
   with pytest.raises(configuration.ConfigError, match='grid'):
     configuration.validate(config)
-  config = grid_config.get_config()
+  config = many_config.get_config()
   config.model.kind = 'spair'
   with pytest.raises(configuration.ConfigError, match='model.kind'):
     configuration.validate(config)

@@ -1,4 +1,5 @@
-"""Shipped configs: `default` (AIR), `dair`, `many` and `grid` (crowded scenes), `test` (tiny).
+"""Shipped configs: `default` (AIR), `dair`, `many` (crowded scenes, the grid
+model) and `many_dair` (crowded scenes, DAIR), `test` (tiny).
 
 Each module's `get_config()` returns an `ml_collections.ConfigDict`; the
 fields are documented in `default.py`. The binaries take a config file path
@@ -7,7 +8,7 @@ or one of these names (`air-train --config=dair`).
 
 import pathlib
 
-NAMES = ('default', 'dair', 'many', 'grid', 'test')
+NAMES = ('default', 'dair', 'many', 'many_dair', 'test')
 
 
 def path(name: str) -> str:
