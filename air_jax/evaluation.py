@@ -17,6 +17,7 @@ from air_jax import air
 from air_jax import checkpointing
 from air_jax import configuration
 from air_jax import files
+from air_jax import inference
 from air_jax import input_pipeline
 from air_jax import metrics as metrics_lib
 from air_jax import objectives
@@ -75,7 +76,13 @@ class EvalResult(NamedTuple):
 
 @functools.partial(
   jax.jit,
-  static_argnames=('model', 'loss_config', 'iwae_samples', 'refine_flips'),
+  static_argnames=(
+    'model',
+    'loss_config',
+    'iwae_samples',
+    'refine_flips',
+    'refine_rounds',
+  ),
 )
 def eval_batch(
   params,
@@ -87,6 +94,7 @@ def eval_batch(
   loss_config: objectives.LossConfig,
   iwae_samples: int = 0,
   refine_flips: int = 0,
+  refine_rounds: int = 0,
 ) -> dict[str, jax.Array]:
   """Counts (modes and a sample), ELBO and optionally IWAE of a batch.
 
@@ -101,6 +109,8 @@ def eval_batch(
     refine_flips: if > 0, the posterior modes' z_pres are refined by
       `objectives.greedy_z_pres` with at most this many flips (models with
       independent proposals only).
+    refine_rounds: then this many rounds of z_where ascent and flips
+      (`objectives.refine_modes`; needs refine_flips > 0).
 
   Returns:
     dict of [B] arrays: 'count', 'count_sampled', 'elbo', and 'iwae' when
@@ -119,9 +129,10 @@ def eval_batch(
   variables = {'params': params}
   mode = model.apply(variables, images, deterministic=True)
   if refine_flips > 0:
-    mode = objectives.greedy_z_pres(
-      mode, images, loss_config, step, refine_flips
+    refine = inference.Refinement(
+      loss_config, refine_flips, step, refine_rounds
     )
+    mode = inference.refine_modes(model, params, images, mode, refine)
   sample = model.apply(variables, images, rngs={'sample': rng})
   terms = objectives.elbo_terms(sample, images, *model_terms)
   result = {
@@ -155,9 +166,10 @@ def evaluate(
   iwae_samples: int = 0,
   max_examples: int | None = None,
   refine_flips: int = 0,
+  refine_rounds: int = 0,
 ) -> EvalResult:
   """Count accuracy, confusion matrix, ELBO (and IWAE) on a split
-  (`refine_flips`: see `eval_batch`)."""
+  (`refine_flips`, `refine_rounds`: see `eval_batch`)."""
   # Counts 0..N, but no more columns than the data's object slots need
   # (a grid model's N is its number of cells): the last column then also
   # holds every larger count.
@@ -179,6 +191,7 @@ def evaluate(
       loss_config=loss_config,
       iwae_samples=iwae_samples,
       refine_flips=refine_flips,
+      refine_rounds=refine_rounds,
     )
     out = jax.device_get(out)
     counts.append(out['count'][:valid])
@@ -264,6 +277,7 @@ def evaluate_checkpoint(
   max_examples: int | None = None,
   batch_size: int = 500,
   refine_flips: int = 0,
+  refine_rounds: int = 0,
 ) -> dict[str, Any]:
   """Evaluates a workdir or export on multi-MNIST splits.
 
@@ -277,9 +291,11 @@ def evaluate_checkpoint(
     max_examples: per split (None: all).
     batch_size: images per evaluation batch.
     refine_flips: see `eval_batch` (0: the encoder's modes).
+    refine_rounds: see `eval_batch`.
 
   Returns:
-    {'checkpoint', 'builder_config', 'refine_flips', 'splits': {name: {...}},
+    {'checkpoint', 'builder_config', 'refine_flips', 'refine_rounds',
+    'splits': {name: {...}},
     'infer_ms_per_image_b1', 'infer_ms_per_image_b64'}.
   """
   config, model, params = checkpointing.load_model(checkpoint)
@@ -293,6 +309,7 @@ def evaluate_checkpoint(
     'checkpoint': checkpoint,
     'builder_config': builder_config,
     'refine_flips': refine_flips,
+    'refine_rounds': refine_rounds,
     'splits': {},
   }
   images = None
@@ -313,6 +330,7 @@ def evaluate_checkpoint(
       iwae_samples=iwae_samples,
       max_examples=max_examples,
       refine_flips=refine_flips,
+      refine_rounds=refine_rounds,
     )
     report['splits'][split] = {
       'count_accuracy': result.count_accuracy,

@@ -191,6 +191,55 @@ class GridAIR(nn.Module):
       self.decoder_output_bias,
     )
 
+  def glimpse_posterior(
+    self, images: jax.Array, z_where: jax.Array
+  ) -> distributions.NormalParams:
+    """q(z_what) of the glimpses at z_where.
+
+    Args:
+      images: [B, H, W].
+      z_where: [B, N, 3].
+
+    Returns:
+      NormalParams with [B, N, D] fields.
+    """
+    b, n = z_where.shape[:2]
+    glimpses = spatial_transformer.image_to_windows(
+      images, z_where, air.pair(self.window_size)
+    )
+    what_q = self.glimpse_encoder(glimpses.reshape(b * n, *glimpses.shape[2:]))
+    return jax.tree.map(lambda x: x.reshape(b, n, -1), what_q)
+
+  def objects_at(
+    self, images: jax.Array, z_where: jax.Array
+  ) -> tuple[distributions.NormalParams, jax.Array]:
+    """(q(z_what) [B, N, D] of the glimpses at z_where [B, N, 3], the windows
+    [B, N, h, w] its means draw): the proposals' objects, were their
+    z_where moved there (`objectives.refine_modes`)."""
+    what_q = self.glimpse_posterior(images, z_where)
+    return what_q, self.decoder(what_q.loc)
+
+  def _reach(self) -> jax.Array:
+    """[2] grid_max_shift cells in normalised (x, y) units."""
+    rows, cols = self.grid
+    return self.grid_max_shift * jnp.asarray([2.0 / cols, 2.0 / rows])
+
+  def z_where_bounds(self) -> tuple[jax.Array, jax.Array]:
+    """([N, 3], [N, 3]) bounds of the posterior means of z_where: the scale
+    in z_where_scale_range, each centre within grid_max_shift cells of its
+    cell's (+-inf where unbounded)."""
+    n = self.max_steps
+    lower = jnp.full((n, 3), -jnp.inf, jnp.float32)
+    upper = jnp.full((n, 3), jnp.inf, jnp.float32)
+    if self.z_where_scale_range is not None:
+      lo, hi = self.z_where_scale_range
+      lower, upper = lower.at[:, 0].set(lo), upper.at[:, 0].set(hi)
+    if self.grid_max_shift > 0:
+      centres = cell_centres(self.grid)
+      lower = lower.at[:, 1:].set(centres - self._reach())
+      upper = upper.at[:, 1:].set(centres + self._reach())
+    return lower, upper
+
   def __call__(
     self,
     images: jax.Array,
@@ -224,8 +273,7 @@ class GridAIR(nn.Module):
     )
     if self.grid_max_shift > 0:
       # Keep each centre's mean within grid_max_shift cells of its cell's.
-      rows, cols = self.grid
-      reach = self.grid_max_shift * jnp.asarray([2.0 / cols, 2.0 / rows])
+      reach = self._reach()
       shift = where_q.loc[..., 1:] - prior.loc[:, 1:]
       where_q = where_q._replace(
         loc=where_q.loc.at[..., 1:].set(
@@ -241,11 +289,7 @@ class GridAIR(nn.Module):
     else:
       z_where = jax.vmap(distributions.sample_normal)(key_where, where_q)
 
-    glimpses = spatial_transformer.image_to_windows(
-      images, z_where, air.pair(self.window_size)
-    )
-    what_q = self.glimpse_encoder(glimpses.reshape(b * n, *glimpses.shape[2:]))
-    what_q = jax.tree.map(lambda x: x.reshape(b, n, -1), what_q)
+    what_q = self.glimpse_posterior(images, z_where)
     if deterministic:
       z_what = what_q.loc
     else:

@@ -40,6 +40,7 @@ __all__ = [
   'load',
   'load_images',
   'records_json',
+  'refine_modes',
   'render_pictures',
   'write_json',
   'write_pictures',
@@ -363,11 +364,32 @@ def load(checkpoint: str):
 
 
 class Refinement(NamedTuple):
-  """Posterior modes refined by `objectives.greedy_z_pres` (grid models)."""
+  """Posterior modes refined by the model's own objective (grid models):
+  `objectives.greedy_z_pres`, then `rounds` rounds of z_where ascent and
+  flips (`objectives.refine_modes`)."""
 
   loss_config: objectives.LossConfig  # The model's objective.
   max_flips: int
   step: int  # The training step its schedules are read at.
+  rounds: int = 0
+
+
+def refine_modes(
+  model, params, images: jax.Array, out: air.AIROutput, refine: Refinement
+) -> air.AIROutput:
+  """`out`, the posterior modes of a grid model on `images`, refined."""
+  return objectives.refine_modes(
+    out,
+    images,
+    refine.loss_config,
+    refine.step,
+    refine.max_flips,
+    refine.rounds,
+    functools.partial(
+      model.apply, {'params': params}, images, method='objects_at'
+    ),
+    model.z_where_bounds(),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'refine'))
@@ -375,9 +397,7 @@ def _modes(model, params, images: jax.Array, refine: Refinement | None):
   """The posterior modes, refined if `refine` is given."""
   out = model.apply({'params': params}, images, deterministic=True)
   if refine is not None:
-    out = objectives.greedy_z_pres(
-      out, images, refine.loss_config, refine.step, refine.max_flips
-    )
+    out = refine_modes(model, params, images, out, refine)
   return out
 
 

@@ -33,6 +33,7 @@ expectation over each z_pres_n (`local_object_objective`).
 
 import dataclasses
 from typing import NamedTuple
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ __all__ = [
   'LIKELIHOODS',
   'LossAux',
   'LossConfig',
+  'ObjectsAt',
   'SignalMoments',
   'SignalSums',
   'air_loss',
@@ -61,6 +63,8 @@ __all__ = [
   'local_object_objective',
   'local_signal',
   'log_likelihood',
+  'refine_modes',
+  'refinement_objective',
   'reinforce_surrogate',
   'repulsion_costs',
   'step_costs',
@@ -452,8 +456,7 @@ def greedy_z_pres(
       'greedy_z_pres needs a model with independent proposals (estimator '
       f"'local'), not {config.estimator!r}."
     )
-  p = jnp.clip(config.z_pres_prior(step), 1e-35, 1.0 - 1e-7)
-  prior_logit = jnp.log(p) - jnp.log1p(-p)
+  prior_logit = _prior_logit(config, step)
 
   def flip_best(_, out):
     gain = (
@@ -479,6 +482,161 @@ def greedy_z_pres(
     return out._replace(z_pres=z_pres, canvas=canvas)
 
   return jax.lax.fori_loop(0, max_flips, flip_best, output)
+
+
+def _prior_logit(config: LossConfig, step: jax.Array | int) -> jax.Array:
+  """log(p / (1 - p)) of the z_pres prior p at `step`."""
+  p = jnp.clip(config.z_pres_prior(step), 1e-35, 1.0 - 1e-7)
+  return jnp.log(p) - jnp.log1p(-p)
+
+
+def refinement_objective(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+) -> jax.Array:
+  """[B] what `refine_modes` climbs in z_where: g of `greedy_z_pres` (the
+  likelihood of the canvas, each present object's KL_where, KL_what and
+  prior, the repulsion) plus, for every absent proposal, the gain in g of
+  turning it on alone, with the canvas of the present objects held fixed in
+  that term (its gradient moves the absent proposal only: to where it would
+  explain most if it were turned on). Normal likelihood only.
+
+  Args:
+    output: AIROutput of a model with independent proposals; its canvas
+      must be drawn from its z_pres, z_where and windows.
+    images: [B, H, W].
+    config: the objective's settings.
+    step: the training step the schedules are read at.
+  """
+  if config.likelihood != 'normal':
+    raise ValueError(
+      'refinement_objective needs the Normal likelihood, not '
+      f'{config.likelihood!r}.'
+    )
+  std = config.likelihood_std(step)
+  repulsion = config.repulsion(step)
+  kl_where, kl_what = _object_kls(output, config.z_where_prior())
+  cost = kl_where + kl_what - _prior_logit(config, step)  # [B, N]
+  z_pres = jax.lax.stop_gradient(output.z_pres)
+  g = (
+    log_likelihood(output.canvas, images, config.likelihood, std)
+    - jnp.sum(z_pres * cost, axis=1)
+    - jnp.sum(_repulsion_costs_or_zeros(output, repulsion), axis=1)
+  )
+  # ll(C + O_n) - ll(C) = (<x - C, O_n> - |O_n|^2 / 2) / std^2.
+  dot, sq_norm = spatial_transformer.object_image_products(
+    output.windows,
+    output.z_where,
+    images - jax.lax.stop_gradient(output.canvas),
+  )
+  gain = (
+    (dot - 0.5 * sq_norm) / std**2
+    - cost
+    - _repulsion_of_each(z_pres, output.z_where, repulsion)
+  )
+  return g + jnp.sum((1.0 - z_pres) * gain, axis=1)
+
+
+class ObjectsAt(Protocol):
+  """z_where [B, N, 3] -> (q(z_what) [B, N, D], windows [B, N, h, w]) of the
+  images being refined (e.g. `grid.GridAIR.objects_at` with its params)."""
+
+  def __call__(
+    self, z_where: jax.Array
+  ) -> tuple[distributions.NormalParams, jax.Array]: ...
+
+
+def refine_modes(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+  max_flips: int,
+  rounds: int,
+  objects_at: ObjectsAt,
+  bounds: tuple[jax.Array, jax.Array],
+  where_steps: int = 10,
+  where_lr: float = 0.05,
+) -> air.AIROutput:
+  """Posterior modes of a model with independent proposals moved up the
+  model's own objective: `greedy_z_pres`, then `rounds` times (i)
+  `where_steps` steps of Adam ascent (step `where_lr`, normalised
+  coordinates) on every proposal's z_where, up `refinement_objective`, each
+  glimpse re-read and redrawn by the model at its new z_where and the means
+  kept within `bounds`, (ii) `greedy_z_pres` again.
+
+  The encoder proposes each object alone; the flips of `greedy_z_pres` can
+  only choose among its proposals. Moving them lets a window that sits
+  between two digits move onto one (the other's proposal then pays for
+  itself), and two windows on one digit meet (the repulsion and the prior
+  then drop one). z_where's posterior stds and q(z_pres) are kept.
+
+  Args:
+    output: AIROutput of the posterior modes (deterministic).
+    images: [B, H, W].
+    config: the objective's settings (Normal likelihood).
+    step: the training step the schedules are read at.
+    max_flips: most flips of each `greedy_z_pres`.
+    rounds: rounds of ascent and flips after the first flips (0: just
+      `greedy_z_pres`).
+    objects_at: the model's q(z_what) and windows at given z_where.
+    bounds: ([N, 3], [N, 3]) lower and upper bounds of z_where's means
+      (`grid.GridAIR.z_where_bounds`).
+    where_steps: Adam steps per round.
+    where_lr: Adam's step size.
+
+  Returns:
+    The refined AIROutput (z_pres, z_where, z_what, windows, canvas).
+  """
+  output = greedy_z_pres(output, images, config, step, max_flips)
+  lower, upper = bounds
+  b1, b2, eps = 0.9, 0.999, 1e-8
+
+  def redraw(out, z_where):
+    what_q, windows = objects_at(z_where)
+    canvas = spatial_transformer.windows_to_canvas(
+      windows, z_where, out.z_pres, images.shape[1:]
+    )
+    return out._replace(
+      z_where=z_where,
+      z_where_loc=z_where,
+      z_what=what_q.loc,
+      z_what_loc=what_q.loc,
+      z_what_scale=what_q.scale,
+      windows=windows,
+      canvas=canvas,
+    )
+
+  def ascend(out):
+    grad_fn = jax.grad(
+      lambda z: jnp.sum(
+        refinement_objective(redraw(out, z), images, config, step)
+      )
+    )
+
+    def adam(t, state):
+      z, m, v = state
+      grad = grad_fn(z)
+      m = b1 * m + (1.0 - b1) * grad
+      v = b2 * v + (1.0 - b2) * grad**2
+      t = t + 1.0
+      update = (m / (1.0 - b1**t)) / (jnp.sqrt(v / (1.0 - b2**t)) + eps)
+      return jnp.clip(z + where_lr * update, lower, upper), m, v
+
+    zeros = jnp.zeros_like(out.z_where)
+    z, _, _ = jax.lax.fori_loop(
+      0, where_steps, adam, (out.z_where, zeros, zeros)
+    )
+    return redraw(out, z)
+
+  def one_round(out, _):
+    out = greedy_z_pres(ascend(out), images, config, step, max_flips)
+    return out, None
+
+  output, _ = jax.lax.scan(one_round, output, None, length=rounds)
+  return output
 
 
 def local_expectation_surrogate(

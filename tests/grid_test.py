@@ -2,6 +2,7 @@
 expectation gradient against exact enumeration, the signal against drawing
 each object, and a non-square image through step, evaluation and infer."""
 
+import dataclasses
 import itertools
 
 import flax.linen as nn
@@ -330,6 +331,16 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
     refine_flips=3,
   )
   assert refined.confusion.sum() == 8 and np.isfinite(refined.elbo)
+  rounds = evaluation.evaluate(
+    model,
+    state.params,
+    helpers.one_object_split(images),
+    loss_config,
+    batch_size=4,
+    refine_flips=3,
+    refine_rounds=1,
+  )
+  assert rounds.confusion.sum() == 8
   records = inference.infer_records(
     model, state.params, images.astype(np.float32) / 255.0
   )
@@ -354,6 +365,19 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
     str(export), str(npz), str(tmp_path / 'c.json'), refine_flips=3
   )
   assert refined_cli == refined
+  # With rounds of z_where ascent, too.
+  refine = inference.Refinement(loss_config, 3, config.num_train_steps, 1)
+  rounds = inference.infer_records(
+    model, state.params, images.astype(np.float32) / 255.0, refine=refine
+  )
+  rounds_cli = infer_cli.infer(
+    str(export),
+    str(npz),
+    str(tmp_path / 'd.json'),
+    refine_flips=3,
+    refine_rounds=1,
+  )
+  assert rounds_cli == rounds
   with pytest.raises(SystemExit):
     infer_cli.infer(str(export), str(npz), str(tmp_path / 'b.json'), None, 20)
   assert '--max_steps applies to the sequential' in capsys.readouterr().err
@@ -454,3 +478,143 @@ def test_greedy_z_pres_climbs_to_a_local_maximum_by_enumeration(repulsion):
     objectives.greedy_z_pres(
       toy(start), images, objectives.LossConfig(), 0, max_flips=1
     )
+
+
+def _refine_config(repulsion):
+  return objectives.LossConfig(
+    z_pres_prior=distributions.Schedule.constant(0.3),
+    z_where_prior_loc=(2.0, 0.0, 0.0),
+    z_where_prior_scale=(0.3, 1.0, 1.0),
+    likelihood_std=distributions.Schedule.constant(0.4),
+    baseline='none',
+    estimator='local',
+    repulsion_strength=distributions.Schedule.constant(repulsion),
+    repulsion_radius=0.7,
+  )
+
+
+@pytest.mark.parametrize('repulsion', [0.0, 5.0])
+def test_refinement_objective_is_g_plus_each_absent_proposals_gain(repulsion):
+  """Its value is g(z) + sum over absent n of g(z with n on) - g(z), g from
+  `elbo_terms` with canvases drawn anew; its gradient in z_where is that of
+  g(z) for a present proposal and that of g(z with n on) for an absent n."""
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.random((1, 12, 10)), jnp.float32)
+  config = _refine_config(repulsion)
+  toy = _toy_output(np.random.default_rng(1), [1.0, 0.0, 0.0], jnp.zeros(3))
+  logit = np.log(0.3 / 0.7)
+
+  def at(z_where, z_pres):
+    z_pres = jnp.asarray(z_pres, jnp.float32)[None]
+    return toy._replace(
+      z_pres=z_pres,
+      z_where=z_where,
+      z_where_loc=z_where,
+      canvas=st.windows_to_canvas(toy.windows, z_where, z_pres, (12, 10)),
+    )
+
+  def g(z_where, z_pres):
+    terms = objectives.elbo_terms(
+      at(z_where, z_pres),
+      images,
+      0.3,
+      config.z_where_prior(),
+      'normal',
+      0.4,
+      config.repulsion(0),
+    )
+    f = terms.elbo + jnp.sum(terms.kl_pres, axis=1)
+    return f[0] + jnp.sum(jnp.asarray(z_pres)) * logit
+
+  z_pres = np.asarray([1.0, 0.0, 0.0])
+  with_ = [np.where(np.arange(3) == n, 1.0, z_pres) for n in (1, 2)]
+
+  def objective(z_where):
+    return objectives.refinement_objective(
+      at(z_where, z_pres), images, config, 0
+    )[0]
+
+  want = g(toy.z_where, z_pres) + sum(
+    g(toy.z_where, z) - g(toy.z_where, z_pres) for z in with_
+  )
+  np.testing.assert_allclose(objective(toy.z_where), want, rtol=1e-5)
+  grad = jax.grad(objective)(toy.z_where)[0]
+  np.testing.assert_allclose(
+    grad[0], jax.grad(g)(toy.z_where, z_pres)[0, 0], rtol=1e-4, atol=1e-4
+  )
+  for n, z in zip((1, 2), with_, strict=True):
+    np.testing.assert_allclose(
+      grad[n], jax.grad(g)(toy.z_where, z)[0, n], rtol=1e-4, atol=1e-4
+    )
+  with pytest.raises(ValueError, match='Normal'):
+    objectives.refinement_objective(
+      toy, images, dataclasses.replace(config, likelihood='bernoulli'), 0
+    )
+
+
+def test_refine_modes_moves_z_where_up_the_objective_within_bounds():
+  model = grid.GridAIR(
+    image_size=(20, 28),
+    window_size=(6, 5),
+    grid_size=(2, 3),
+    grid_features=8,
+    grid_max_shift=0.5,
+    z_where_prior_loc=(2.0, 0.0, 0.0),
+    z_where_scale_range=(1.5, 3.0),
+  )
+  params = air.init_params(model, 0)
+  images = jnp.asarray(np.random.default_rng(6).random((3, 20, 28)) ** 4)
+  config = dataclasses.replace(_refine_config(5.0), grid=(2, 3))
+  modes = model.apply({'params': params}, images, deterministic=True)
+  modes = modes._replace(z_pres=modes.z_pres.at[:, ::2].set(1.0))
+  modes = modes._replace(
+    canvas=st.windows_to_canvas(
+      modes.windows, modes.z_where, modes.z_pres, (20, 28)
+    )
+  )
+
+  def objects_at(z_where):
+    return model.apply({'params': params}, images, z_where, method='objects_at')
+
+  def refine(out, flips, rounds, **kw):
+    return objectives.refine_modes(
+      out,
+      images,
+      config,
+      0,
+      flips,
+      rounds,
+      objects_at,
+      model.z_where_bounds(),
+      **kw,
+    )
+
+  # No rounds: greedy_z_pres alone.
+  np.testing.assert_array_equal(
+    refine(modes, 4, 0).z_pres,
+    objectives.greedy_z_pres(modes, images, config, 0, 4).z_pres,
+  )
+  # One small Adam step and no flips: every coordinate moves by at most the
+  # step size, and the objective rises (Adam's first step is lr * sign).
+  lr = 1e-3
+  one = refine(modes, 0, 1, where_steps=1, where_lr=lr)
+  np.testing.assert_array_equal(one.z_pres, modes.z_pres)
+  assert np.max(np.abs(one.z_where - modes.z_where)) <= lr * (1 + 1e-4)
+  before = objectives.refinement_objective(modes, images, config, 0)
+  after = objectives.refinement_objective(one, images, config, 0)
+  assert np.all(np.asarray(after) > np.asarray(before))
+  # Longer: within the bounds, the objects redrawn where z_where now is.
+  out = refine(modes, 6, 2, where_steps=10, where_lr=0.2)
+  lower, upper = model.z_where_bounds()
+  assert np.all(out.z_where >= lower - 1e-6) and np.all(
+    out.z_where <= upper + 1e-6
+  )
+  assert np.max(np.abs(out.z_where - modes.z_where)) > 0.1
+  what_q, windows = objects_at(out.z_where)
+  np.testing.assert_allclose(out.windows, windows, atol=1e-5)
+  np.testing.assert_allclose(out.z_what, what_q.loc, atol=1e-5)
+  np.testing.assert_allclose(
+    out.canvas,
+    st.windows_to_canvas(out.windows, out.z_where, out.z_pres, (20, 28)),
+    atol=1e-5,
+  )

@@ -87,6 +87,11 @@ def test_bad_arguments_one_line_nothing_written(work, capsys, small_data_dir):
     (dict(checkpoint=run, output=out, max_examples=-5), '--max_examples'),
     (dict(checkpoint=run, output=out, refine_flips=-1), '--refine_flips'),
     (dict(checkpoint=run, output=out, refine_flips=2), "model.kind 'grid'"),
+    (dict(checkpoint=run, output=out, refine_rounds=-1), '--refine_rounds'),
+    (
+      dict(checkpoint=run, output=out, refine_rounds=1),
+      '--refine_rounds needs --refine_flips',
+    ),
     (
       dict(checkpoint=run, output=out, mnist_dir=str(work / 'nowhere')),
       'no such folder',

@@ -329,6 +329,15 @@ def test_bad_checkpoints_are_refused(work, capsys):
     capsys, infer.infer, str(export), images, str(out), refine_flips=2
   )
   assert "model.kind 'grid'" in line
+  # --refine_rounds: not negative, and only with flips.
+  line = refused(
+    capsys, infer.infer, str(export), images, str(out), refine_rounds=-1
+  )
+  assert '--refine_rounds must be >= 0' in line
+  line = refused(
+    capsys, infer.infer, str(export), images, str(out), refine_rounds=2
+  )
+  assert '--refine_rounds needs --refine_flips' in line
   # A workdir whose every checkpoint holds NaN parameters.
   line = refused(capsys, infer.infer, str(work / 'nan_run'), images, str(out))
   assert 'step 2' in line and 'step 1' in line and 'NaN' in line, line

@@ -221,12 +221,17 @@ def define_string(name: str, default: str | None, help_text: str):
   return flags.DEFINE_string(name, default, help_text)
 
 
+def _define_integer_once(name: str, default: int, help_text: str):
+  """`flags.DEFINE_integer`, or the holder of the flag of that name when
+  another program's module (imported in the same process) defined it."""
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return flags.DEFINE_integer(name, default, help_text)
+
+
 def define_refine_flips():
-  """The --refine_flips flag of air-evaluate and air-infer (defined once
-  when both programs' modules are imported in one process)."""
-  if 'refine_flips' in flags.FLAGS:
-    return flags.FlagHolder(flags.FLAGS, flags.FLAGS['refine_flips'])
-  return flags.DEFINE_integer(
+  """The --refine_flips flag of air-evaluate and air-infer."""
+  return _define_integer_once(
     'refine_flips',
     0,
     'Grid models: refine the posterior modes by flipping up to this many '
@@ -235,11 +240,29 @@ def define_refine_flips():
   )
 
 
-def refinement(config, refine_flips: int) -> inference.Refinement | None:
-  """The Refinement --refine_flips asks for (None for 0); fails (one line)
-  when it is negative or the checkpoint's model is not a grid model."""
+def define_refine_rounds():
+  """The --refine_rounds flag of air-evaluate and air-infer."""
+  return _define_integer_once(
+    'refine_rounds',
+    0,
+    'Grid models, with --refine_flips: after the flips, this many rounds of '
+    'moving every z_where up the model objective (10 Adam steps, the '
+    'glimpses re-read) and flipping again (objectives.refine_modes).',
+  )
+
+
+def refinement(
+  config, refine_flips: int, refine_rounds: int = 0
+) -> inference.Refinement | None:
+  """The Refinement --refine_flips and --refine_rounds ask for (None for no
+  flips); fails (one line) when one is negative, rounds come without flips
+  or the checkpoint's model is not a grid model."""
   if refine_flips < 0:
     fail(f'--refine_flips must be >= 0, got {refine_flips}.')
+  if refine_rounds < 0:
+    fail(f'--refine_rounds must be >= 0, got {refine_rounds}.')
+  if refine_rounds and not refine_flips:
+    fail('--refine_rounds needs --refine_flips > 0.')
   if not refine_flips:
     return None
   if config.model.kind != 'grid':
@@ -247,10 +270,16 @@ def refinement(config, refine_flips: int) -> inference.Refinement | None:
       '--refine_flips needs a model with independent proposals '
       f"(model.kind 'grid'); this checkpoint's is {config.model.kind!r}."
     )
+  if refine_rounds and config.likelihood != 'normal':
+    fail(
+      '--refine_rounds needs the Normal likelihood; this checkpoint '
+      f'uses {config.likelihood!r}.'
+    )
   return inference.Refinement(
     configuration.loss_config(config),
     refine_flips,
     int(config.num_train_steps),
+    refine_rounds,
   )
 
 

@@ -8,7 +8,9 @@ confusion matrix (true rows, inferred columns), the ELBO, the IWAE bound with
 K samples, and inference time per image. For a grid model,
 --refine_flips=K counts with the posterior modes refined by up to K
 single z_pres flips that each raise the model's objective
-(`objectives.greedy_z_pres`). The data configuration (TFDS data
+(`objectives.greedy_z_pres`), and --refine_rounds=R then moves every
+z_where up that objective and flips again, R times
+(`objectives.refine_modes`). The data configuration (TFDS data
 dir, builder config) is the checkpoint's own unless a flag names another.
 
 Every argument is checked before the evaluation starts; the report is
@@ -49,6 +51,7 @@ _BUILDER_CONFIG = flags.DEFINE_string(
 _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0, 'Per split; 0: all.')
 _BATCH = flags.DEFINE_integer('batch_size', 500, 'Images per batch.')
 _REFINE = cli.define_refine_flips()
+_ROUNDS = cli.define_refine_rounds()
 
 
 def check_split_names(builder_config: str, splits) -> None:
@@ -79,6 +82,7 @@ def evaluate(
   max_examples: int = 0,
   batch_size: int = 500,
   refine_flips: int = 0,
+  refine_rounds: int = 0,
 ) -> dict:
   """The program without its flags: checks everything, evaluates, writes
   the report; every failure ends in `cli.fail` (one line, exit 1)."""
@@ -103,7 +107,8 @@ def evaluate(
     config = checkpointing.load_valid_config(checkpoint)
     if not builder_config:  # The checkpoint's.
       check_split_names(config.data.builder_config, splits)
-    cli.refinement(config, refine_flips)  # Checks the flag (one line).
+    # Checks the flags (one line).
+    cli.refinement(config, refine_flips, refine_rounds)
     report = evaluation.evaluate_checkpoint(
       checkpoint,
       splits=splits,
@@ -114,6 +119,7 @@ def evaluate(
       max_examples=max_examples or None,
       batch_size=batch_size,
       refine_flips=refine_flips,
+      refine_rounds=refine_rounds,
     )
     evaluation.write_report(report, output)
   return report
@@ -132,6 +138,7 @@ def main(argv):
     max_examples=_MAX_EXAMPLES.value,
     batch_size=_BATCH.value,
     refine_flips=_REFINE.value,
+    refine_rounds=_ROUNDS.value,
   )
   print(evaluation.format_table(report))
 

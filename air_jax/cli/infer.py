@@ -17,7 +17,9 @@ folder, or one holding only an earlier run's pictures (then replaced).
 
 --refine_flips=K (grid models): the posterior modes refined by up to K
 single z_pres flips, each raising the model's own objective
-(`objectives.greedy_z_pres`), as `air-evaluate --refine_flips` counts.
+(`objectives.greedy_z_pres`), as `air-evaluate --refine_flips` counts;
+--refine_rounds=R then moves every z_where up that objective and flips
+again, R times (`objectives.refine_modes`).
 """
 
 from absl import flags
@@ -44,6 +46,7 @@ _MAX_STEPS = flags.DEFINE_integer(
   'Sequential models only: a grid model proposes one object per cell.',
 )
 _REFINE = cli.define_refine_flips()
+_ROUNDS = cli.define_refine_rounds()
 
 
 def check_paths(checkpoint, images, output, pictures) -> None:
@@ -67,6 +70,7 @@ def infer(
   pictures: str | None = None,
   max_steps: int | None = None,
   refine_flips: int = 0,
+  refine_rounds: int = 0,
 ) -> list:
   """The program without its flags: checks everything, infers, writes the
   JSON (and pictures); every failure ends in `cli.fail` (one line, exit 1)
@@ -86,7 +90,7 @@ def infer(
           f"'air'); this checkpoint's model is {config.model.kind!r}."
         )
       model = model.clone(max_steps=max_steps)
-    refine = cli.refinement(config, refine_flips)
+    refine = cli.refinement(config, refine_flips, refine_rounds)
     records = inference.infer_records(model, params, pixels, refine=refine)
     data = inference.records_json(records).encode('utf-8')
     with files.staged_bytes(output, data) as commit:
@@ -105,6 +109,7 @@ def main(argv):
     _PICTURES.value,
     _MAX_STEPS.value,
     _REFINE.value,
+    _ROUNDS.value,
   )
   print(f'{len(records)} images -> {_OUTPUT.value}')
 
