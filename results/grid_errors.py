@@ -1,7 +1,8 @@
 """Where a grid model's counts go wrong, on `many` test canvases (RESULTS.md).
 
   PYTHONPATH=. python results/grid_errors.py --checkpoint=pretrained/many \
-    --data_dir=$TFDS_DATA_DIR [--num=1000] [--refine_flips=16]
+    --data_dir=$TFDS_DATA_DIR [--num=1000] [--refine_flips=16] \
+    [--refine_rounds=0]
 
 For the (refined) posterior modes of the first `num` test canvases, prints
   * the accuracy, over- and under-count rates on them;
@@ -64,21 +65,30 @@ def main():
   parser.add_argument('--data_dir', default=None)
   parser.add_argument('--num', type=int, default=1000)
   parser.add_argument('--refine_flips', type=int, default=16)
+  parser.add_argument('--refine_rounds', type=int, default=0)
   args = parser.parse_args()
 
   config, model, params = inference.load(args.checkpoint)
   split = input_pipeline.load_split('test', args.data_dir, 'many')
   images = jnp.asarray(split.images[: args.num].astype(np.float32) / 255.0)
   true = split.num_objects[: args.num]
-  refine = cli.refinement(config, args.refine_flips)
+  refine = cli.refinement(config, args.refine_flips, args.refine_rounds)
   loss = cli.refinement(config, 1).loss_config
   step = int(config.num_train_steps)
   p = np.clip(loss.z_pres_prior(step), 1e-35, 1 - 1e-7)
   prior_logit = np.log(p) - np.log1p(-p)
+
+  @jax.jit
+  def modes(x):
+    out = model.apply({'params': params}, x, deterministic=True)
+    if refine is None:
+      return out
+    return inference.refine_modes(model, params, x, out, refine)
+
   outs, gains = [], []
   for lo in range(0, args.num, 250):
     x = images[lo : lo + 250]
-    out = inference._modes(model, params, x, refine)  # pylint: disable=protected-access
+    out = modes(x)
     signal = objectives.local_signal(
       out,
       x,
@@ -127,7 +137,9 @@ def main():
       f'  with two present windows < {r} px apart: {pred_close[r]}; '
       f'with two true digits < {r} px apart: {true_close[r]}'
     )
-  print(f'  gain of the closest pair\'s weaker proposal (nats): {_pct(kept_gain)}')
+  print(
+    f"  gain of the closest pair's weaker proposal (nats): {_pct(kept_gain)}"
+  )
 
   pairs = []
   for i in range(args.num):
@@ -150,7 +162,9 @@ def main():
       best = np.argmax(iou[k])
       missed_gain.append(gain[i, best])
       missed_on.append(present[i, best])
-  print(f'digits no present window covers on under-counted canvases: {len(missed_gain)}')
+  print(
+    f'digits no present window covers on under-counted canvases: {len(missed_gain)}'
+  )
   print(f'  gain of turning on the best-covering proposal: {_pct(missed_gain)}')
   print(
     '  best-covering proposal already present (covering badly): '
