@@ -320,24 +320,16 @@ def test_bad_checkpoints_are_refused(work, capsys):
     assert says in line, (name, line)
   line = refused(capsys, infer.infer, str(work / 'nowhere'), images, str(out))
   assert 'no such file' in line
-  # --refine_flips: not negative, and only for grid models (this is AIR).
-  line = refused(
-    capsys, infer.infer, str(export), images, str(out), refine_flips=-1
-  )
-  assert '--refine_flips must be >= 0' in line
-  line = refused(
-    capsys, infer.infer, str(export), images, str(out), refine_flips=2
-  )
-  assert "model.kind 'grid'" in line
-  # --refine_rounds: not negative, and only with flips.
-  line = refused(
-    capsys, infer.infer, str(export), images, str(out), refine_rounds=-1
-  )
-  assert '--refine_rounds must be >= 0' in line
-  line = refused(
-    capsys, infer.infer, str(export), images, str(out), refine_rounds=2
-  )
-  assert '--refine_rounds needs --refine_flips' in line
+  # --refine_flips and --refine_rounds: not negative, rounds only with
+  # flips, and only for grid models (this is AIR).
+  for flags, says in (
+    (dict(refine_flips=-1), '--refine_flips must be >= 0'),
+    (dict(refine_flips=2), "model.kind 'grid'"),
+    (dict(refine_rounds=-1), '--refine_rounds must be >= 0'),
+    (dict(refine_rounds=2), '--refine_rounds needs --refine_flips'),
+  ):
+    line = refused(capsys, infer.infer, str(export), images, str(out), **flags)
+    assert says in line, (flags, line)
   # A workdir whose every checkpoint holds NaN parameters.
   line = refused(capsys, infer.infer, str(work / 'nan_run'), images, str(out))
   assert 'step 2' in line and 'step 1' in line and 'NaN' in line, line
