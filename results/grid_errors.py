@@ -14,10 +14,10 @@ For the (refined) posterior modes of the first `num` test canvases, prints
   * the share of all true digit pairs closer than r px;
   * under-counted canvases: for each digit that no present object covers
     (IoU of the object's tight box, `air.tight_boxes`, with the digit's ink
-    box < 0.5), the gain of turning on the proposal whose tight box covers
-    it best (< 0: the objective prefers to leave it out) and whether that
-    proposal is present already (it then covers the digit badly, e.g. it
-    draws parts of two digits).
+    box < 0.5), whether the proposal whose tight box covers it best is
+    present already (it then covers the digit badly, e.g. it draws parts
+    of two digits) and, where it is absent, the gain of turning it on (< 0:
+    the objective prefers to leave it out).
 """
 
 import argparse
@@ -165,7 +165,11 @@ def main():
   print(
     f'digits no present window covers on under-counted canvases: {len(missed_gain)}'
   )
-  print(f'  gain of turning on the best-covering proposal: {_pct(missed_gain)}')
+  missed_gain, missed_on = np.asarray(missed_gain), np.asarray(missed_on)
+  print(
+    '  gain of turning on the best-covering proposal, where it is absent: '
+    f'{_pct(missed_gain[~missed_on])}'
+  )
   print(
     '  best-covering proposal already present (covering badly): '
     f'{np.mean(missed_on):.3f}'

@@ -85,5 +85,5 @@ def get_config():
   config.z_where_repulsion.anneal_steps = 5_000
   config.z_where_repulsion.kind = 'exponential'
   config.z_where_repulsion_radius = 0.25  # 6 px of a 48-px image.
-  config.num_train_steps = 20_000
+  config.num_train_steps = 40_000
   return config
