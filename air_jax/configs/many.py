@@ -44,12 +44,15 @@ from 0.001 to 100 over the first 5k steps: at 100 from the start, every
 q(z_pres) fell to its floor by step 1,000 (neighbouring cells' windows,
 sampled with the prior's 6-px position std, come that close at first).
 
-Measured (RESULTS.md, with the runs that led here): after 20k steps
-(66 minutes on a 2-core CPU; shipped as `pretrained/many`) test count
-accuracy 0.67, box AP50 0.81; with the posterior modes refined by
-`objectives.greedy_z_pres` (`air-evaluate --refine_flips=16`) 0.79, AP50
-0.83 (after 10k steps: 0.61 and 0.74; DAIR, many_dair.py: 0.41). Far from
-what crowded scenes need (0.95).
+Measured (RESULTS.md, with the runs that led here): after 40k steps
+(about 2.2 hours on a 2-core CPU; shipped as `pretrained/many`) test count
+accuracy 0.73, box AP50 0.86; with the posterior modes refined by the
+model's own objective, 16 flips of z_pres (`objectives.greedy_z_pres`) 0.81,
+and 3 rounds of z_where ascent and flips after them
+(`objectives.refine_modes`; `air-evaluate --refine_flips=16
+--refine_rounds=3`) 0.87, AP50 0.898 (after 20k steps: 0.67 and
+0.79 with flips; DAIR, many_dair.py: 0.41). Far from what crowded scenes
+need (0.95).
 
 Extrapolation (trained on 0-5 digits, counted on 6-9):
   --config.data.train_split=train_0to5 --config.data.eval_split=test_6to9.
