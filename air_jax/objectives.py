@@ -353,6 +353,33 @@ def _object_kls(
   )
 
 
+def _normal_flip_gains(
+  output: air.AIROutput,
+  images: jax.Array,
+  z_where_prior: distributions.NormalParams,
+  likelihood_std: float | jax.Array,
+  repulsion: tuple[float | jax.Array, float] | None,
+) -> jax.Array:
+  """[B, N] f(z_pres_n = 1) - f(z_pres_n = 0) for a Normal likelihood, f as
+  in `local_signal`. ll(c) = -|x - c|^2 / (2 std^2) + const: the difference
+  of adding O_n to the canvas without it is (<x - C, O_n> + (z_n - 1/2)
+  |O_n|^2) / std^2 for the canvas C, computed without drawing O_n.
+  Gradients reach each proposal's own window, z_where and q parameters, not
+  the canvas, z_pres or the other proposals."""
+  kl_where, kl_what = _object_kls(output, z_where_prior)
+  z_pres = jax.lax.stop_gradient(output.z_pres)
+  # The repulsion proposal n would add is one more cost of its presence.
+  costs = (
+    kl_where + kl_what + _repulsion_of_each(z_pres, output.z_where, repulsion)
+  )
+  dot, sq_norm = spatial_transformer.object_image_products(
+    output.windows,
+    output.z_where,
+    images - jax.lax.stop_gradient(output.canvas),
+  )
+  return (dot + (z_pres - 0.5) * sq_norm) / likelihood_std**2 - costs
+
+
 def local_signal(
   output: air.AIROutput,
   images: jax.Array,
@@ -387,20 +414,15 @@ def local_signal(
     [B, N] signals.
   """
   output = jax.lax.stop_gradient(output)
+  if likelihood == 'normal':
+    return _normal_flip_gains(
+      output, images, z_where_prior, likelihood_std, repulsion
+    )
   kl_where, kl_what = _object_kls(output, z_where_prior)
   # The repulsion proposal n would add is one more cost of its presence.
   kl_where = kl_where + _repulsion_of_each(
     output.z_pres, output.z_where, repulsion
   )
-  if likelihood == 'normal':
-    # ll(c) = -|x - c|^2 / (2 std^2) + const: the difference of adding
-    # O_n to the canvas without it is (<x - C, O_n> + (z_n - 1/2) |O_n|^2)
-    # / std^2 for the sampled canvas C, computed without drawing O_n.
-    dot, sq_norm = spatial_transformer.object_image_products(
-      output.windows, output.z_where, images - output.canvas
-    )
-    delta = (dot + (output.z_pres - 0.5) * sq_norm) / likelihood_std**2
-    return delta - kl_where - kl_what
   b, n = output.z_pres.shape
   objects = spatial_transformer.window_to_image(
     output.windows, output.z_where, images.shape[1:]
@@ -518,23 +540,17 @@ def refinement_objective(
   std = config.likelihood_std(step)
   repulsion = config.repulsion(step)
   kl_where, kl_what = _object_kls(output, config.z_where_prior())
-  cost = kl_where + kl_what - _prior_logit(config, step)  # [B, N]
+  prior_logit = _prior_logit(config, step)
+  cost = kl_where + kl_what - prior_logit  # [B, N]
   z_pres = jax.lax.stop_gradient(output.z_pres)
   g = (
     log_likelihood(output.canvas, images, config.likelihood, std)
     - jnp.sum(z_pres * cost, axis=1)
     - jnp.sum(_repulsion_costs_or_zeros(output, repulsion), axis=1)
   )
-  # ll(C + O_n) - ll(C) = (<x - C, O_n> - |O_n|^2 / 2) / std^2.
-  dot, sq_norm = spatial_transformer.object_image_products(
-    output.windows,
-    output.z_where,
-    images - jax.lax.stop_gradient(output.canvas),
-  )
   gain = (
-    (dot - 0.5 * sq_norm) / std**2
-    - cost
-    - _repulsion_of_each(z_pres, output.z_where, repulsion)
+    _normal_flip_gains(output, images, config.z_where_prior(), std, repulsion)
+    + prior_logit
   )
   return g + jnp.sum((1.0 - z_pres) * gain, axis=1)
 

@@ -425,24 +425,13 @@ def test_greedy_z_pres_climbs_to_a_local_maximum_by_enumeration(repulsion):
     np.random.default_rng(4).random((1, 12, 10)), jnp.float32
   )
   theta = jnp.zeros(3)
-  p = 0.3
   config = _toy_loss_config(repulsion)
 
   def toy(z):
     return _toy_output(np.random.default_rng(1), z, theta)
 
   def g(z):
-    terms = objectives.elbo_terms(
-      toy(z),
-      images,
-      p,
-      config.z_where_prior(),
-      'normal',
-      0.4,
-      config.repulsion(0),
-    )
-    f = terms.elbo + jnp.sum(terms.kl_pres, axis=1)
-    return float(f[0]) + float(np.sum(z)) * np.log(p / (1 - p))
+    return float(_toy_g(toy(z), images, config))
 
   moved = 0
   for start in itertools.product((0.0, 1.0), repeat=3):
@@ -461,6 +450,23 @@ def test_greedy_z_pres_climbs_to_a_local_maximum_by_enumeration(repulsion):
     objectives.greedy_z_pres(
       toy(start), images, objectives.LossConfig(), 0, max_flips=1
     )
+
+
+def _toy_g(out, images, config):
+  """g = f + sum_n z_n logit(p) of one image at step 0, f from `elbo_terms`
+  (the ELBO without the z_pres KL)."""
+  p = config.z_pres_prior(0)
+  terms = objectives.elbo_terms(
+    out,
+    images,
+    p,
+    config.z_where_prior(),
+    config.likelihood,
+    config.likelihood_std(0),
+    config.repulsion(0),
+  )
+  f = terms.elbo + jnp.sum(terms.kl_pres, axis=1)
+  return f[0] + jnp.sum(out.z_pres[0]) * np.log(p / (1 - p))
 
 
 def _toy_loss_config(repulsion):
@@ -486,7 +492,6 @@ def test_refinement_objective_is_g_plus_each_absent_proposals_gain(repulsion):
   images = jnp.asarray(rng.random((1, 12, 10)), jnp.float32)
   config = _toy_loss_config(repulsion)
   toy = _toy_output(np.random.default_rng(1), [1.0, 0.0, 0.0], jnp.zeros(3))
-  logit = np.log(0.3 / 0.7)
 
   def at(z_where, z_pres):
     z_pres = jnp.asarray(z_pres, jnp.float32)[None]
@@ -498,17 +503,7 @@ def test_refinement_objective_is_g_plus_each_absent_proposals_gain(repulsion):
     )
 
   def g(z_where, z_pres):
-    terms = objectives.elbo_terms(
-      at(z_where, z_pres),
-      images,
-      0.3,
-      config.z_where_prior(),
-      'normal',
-      0.4,
-      config.repulsion(0),
-    )
-    f = terms.elbo + jnp.sum(terms.kl_pres, axis=1)
-    return f[0] + jnp.sum(jnp.asarray(z_pres)) * logit
+    return _toy_g(at(z_where, z_pres), images, config)
 
   z_pres = np.asarray([1.0, 0.0, 0.0])
   with_ = [np.where(np.arange(3) == n, 1.0, z_pres) for n in (1, 2)]
