@@ -39,6 +39,7 @@ __all__ = [
   'init_params',
   'pair',
   'posterior_modes',
+  'present_first',
   'sample_z_pres',
   'tight_boxes',
   'z_pres_probability',
@@ -449,6 +450,37 @@ class AIR(nn.Module):
     )
     return canvas, windows
 
+  def objects_at(
+    self, images: jax.Array, z_where: jax.Array
+  ) -> tuple[distributions.NormalParams, jax.Array]:
+    """(q(z_what) [B, N, D] of the glimpses at z_where [B, N, 3], the windows
+    [B, N, h, w] its means draw): what each step would infer and draw were
+    its z_where there (`objectives.refine_modes`). AIR only: a DAIR glimpse
+    is read from the image minus the canvas of the steps before it, so a
+    step's object depends on the others'."""
+    if self.difference:
+      raise ValueError(
+        'objects_at needs AIR (difference=False): a DAIR step reads its '
+        "glimpse from the image minus the earlier steps' canvas."
+      )
+    b, n = z_where.shape[:2]
+    glimpses = spatial_transformer.image_to_windows(
+      images, z_where, pair(self.window_size)
+    )
+    what_q = self.cell.encoder(glimpses.reshape(b * n, *glimpses.shape[2:]))
+    what_q = jax.tree.map(lambda x: x.reshape(b, n, -1), what_q)
+    return what_q, self.decoder(what_q.loc)
+
+  def z_where_bounds(self) -> tuple[jax.Array, jax.Array]:
+    """([N, 3], [N, 3]) bounds of z_where's means when refined: the scale s
+    in z_where_scale_range, else >= 1 (no window larger than the image);
+    the centre on the image ([-1, 1])."""
+    lo, hi = self.z_where_scale_range or (1.0, jnp.inf)
+    lower = jnp.asarray([lo, -1.0, -1.0], jnp.float32)
+    upper = jnp.asarray([hi, 1.0, 1.0], jnp.float32)
+    shape = (self.max_steps, 3)
+    return jnp.broadcast_to(lower, shape), jnp.broadcast_to(upper, shape)
+
   def _initial_carry(self, batch: int, with_baseline: bool) -> CellCarry:
     """The state before step 1. It is the same for every example, so all
     but the canvas have a leading axis of 1 (not B): step 1's recurrent
@@ -619,6 +651,28 @@ def init_params(model: AIR, seed: int):
     images,
   )
   return variables['params']
+
+
+def present_first(output: AIROutput) -> AIROutput:
+  """The steps of `output` reordered so that its present objects come first,
+  each group in step order, with mask = z_pres of the step before (1 for
+  the first): a sequential AIR's form of a set of objects whose z_pres
+  were chosen in any order (`objectives.refine_modes`). The canvas is the
+  same sum."""
+  order = jnp.argsort(-output.z_pres, axis=1, stable=True)  # [B, N]
+
+  def take(x):
+    index = order.reshape(*order.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+  per_step = {
+    name: take(value)
+    for name, value in output._asdict().items()
+    if name != 'canvas'
+  }
+  z_pres = per_step['z_pres']
+  mask = jnp.concatenate([jnp.ones_like(z_pres[:, :1]), z_pres[:, :-1]], 1)
+  return output._replace(**{**per_step, 'mask': mask})
 
 
 # Window pixels brighter than this make up an object's tight box (chosen on

@@ -364,9 +364,9 @@ def load(checkpoint: str):
 
 
 class Refinement(NamedTuple):
-  """Posterior modes refined by the model's own objective (grid models):
-  `objectives.greedy_z_pres`, then `rounds` rounds of z_where ascent and
-  flips (`objectives.refine_modes`)."""
+  """Posterior modes refined by the model's own objective (AIR and grid
+  models): `objectives.greedy_z_pres`, then `rounds` rounds of z_where
+  ascent and flips (`objectives.refine_modes`)."""
 
   loss_config: objectives.LossConfig  # The model's objective.
   max_flips: int
@@ -377,11 +377,18 @@ class Refinement(NamedTuple):
 def refine_modes(
   model, params, images: jax.Array, out: air.AIROutput, refine: Refinement
 ) -> air.AIROutput:
-  """`out`, the posterior modes of a grid model on `images`, refined."""
-  return objectives.refine_modes(
+  """`out`, the posterior modes of a grid model or of a sequential AIR
+  (not DAIR: `air.AIR.objects_at`) on `images`, refined. A sequential
+  AIR's steps are refined as a set of proposals (`objects_as_set`) and
+  handed back with the present objects first (`air.present_first`)."""
+  sequential = isinstance(model, air.AIR)
+  config = refine.loss_config
+  if sequential:
+    config = objectives.objects_as_set(config)
+  refined = objectives.refine_modes(
     out,
     images,
-    refine.loss_config,
+    config,
     refine.step,
     refine.max_flips,
     refine.rounds,
@@ -390,6 +397,7 @@ def refine_modes(
     ),
     model.z_where_bounds(),
   )
+  return air.present_first(refined) if sequential else refined
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'refine'))

@@ -63,6 +63,7 @@ __all__ = [
   'local_object_objective',
   'local_signal',
   'log_likelihood',
+  'objects_as_set',
   'refine_modes',
   'refinement_objective',
   'reinforce_surrogate',
@@ -441,6 +442,23 @@ def local_signal(
   return ll[0] - ll[1] - kl_where - kl_what
 
 
+def objects_as_set(config: LossConfig) -> LossConfig:
+  """A sequential AIR's objective as `greedy_z_pres` and `refine_modes` use
+  it on its posterior modes: its N steps taken as N proposals, each present
+  or not, with the canvas the sum of the present ones.
+
+  The sequential prior gives k present objects (steps 1..k) the probability
+  p^k (1 - p) (p^N for k = N) and each object's z_where and z_what the same
+  prior whatever its step; the likelihood depends on the set of objects, not
+  their order. So any k present proposals, moved to the first k steps
+  (`air.present_first`), have the sequential model's objective up to
+  log(1 - p) for each absent step after the first (1e-5 nats at the
+  default p): the independent per-proposal prior of the grid model's
+  estimator 'local'. The estimator only tells `greedy_z_pres` that this
+  objective applies; nothing here is trained."""
+  return dataclasses.replace(config, estimator='local', baseline='none')
+
+
 def greedy_z_pres(
   output: air.AIROutput,
   images: jax.Array,
@@ -450,7 +468,8 @@ def greedy_z_pres(
 ) -> air.AIROutput:
   """z_pres moved to a local maximum of the model's own objective, one flip
   at a time (iterated conditional modes), for models whose proposals are
-  independent given the image (config.estimator 'local').
+  independent given the image (config.estimator 'local'), or a sequential
+  AIR's steps taken as a set of proposals (`objects_as_set`).
 
   With every other latent as in `output` (its means, for posterior modes),
   z_pres maximises
@@ -476,7 +495,8 @@ def greedy_z_pres(
   if config.estimator != 'local':
     raise ValueError(
       'greedy_z_pres needs a model with independent proposals (estimator '
-      f"'local'), not {config.estimator!r}."
+      f"'local'), not {config.estimator!r}; for a sequential AIR's modes "
+      'use objects_as_set(config).'
     )
   prior_logit = _prior_logit(config, step)
 

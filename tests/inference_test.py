@@ -12,8 +12,12 @@ import pytest
 
 from air_jax import air
 from air_jax import checkpointing
+from air_jax import cli
 from air_jax import configuration
+from air_jax import distributions
 from air_jax import inference
+from air_jax import objectives
+from air_jax import spatial_transformer
 from air_jax.cli import infer as infer_cli
 from air_jax.configs import test as test_config
 from tests import helpers
@@ -179,3 +183,175 @@ def test_max_steps_can_be_raised_or_lowered_at_inference(tmp_path):
       max_steps=0,
     )
   assert not (tmp_path / 'bad.json').exists()
+
+
+# --- Refined modes of a sequential AIR -------------------------------------
+
+
+def _inked_images(b, shape=(50, 50), seed=0):
+  """[b, H, W] float32 images, mostly dark with some bright pixels."""
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.random((b, *shape)) ** 8, jnp.float32)
+
+
+def test_air_objects_at_are_what_its_steps_infer_and_draw():
+  config = test_config.get_config()
+  # Every step computed, so that each holds its own object.
+  model = configuration.create_model(config).clone(skip_finished=False)
+  params = air.init_params(model, 0)
+  images = _inked_images(4)
+  out = model.apply({'params': params}, images, deterministic=True)
+  what_q, windows = model.apply(
+    {'params': params}, images, out.z_where, method='objects_at'
+  )
+  np.testing.assert_allclose(what_q.loc, out.z_what_loc, atol=1e-5)
+  np.testing.assert_allclose(what_q.scale, out.z_what_scale, atol=1e-5)
+  np.testing.assert_allclose(windows, out.windows, atol=1e-5)
+  with pytest.raises(ValueError, match='DAIR'):
+    model.clone(difference=True).apply(
+      {'params': params}, images, out.z_where, method='objects_at'
+    )
+
+
+def test_present_first_reorders_steps_and_keeps_the_canvas():
+  rng = np.random.default_rng(1)
+  b, n, d, size = 3, 4, 2, (20, 24)
+  z_pres = jnp.asarray([[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]], jnp.float32)
+  z_where = jnp.asarray(
+    np.concatenate(
+      [rng.uniform(2, 4, (b, n, 1)), rng.uniform(-0.5, 0.5, (b, n, 2))], -1
+    ),
+    jnp.float32,
+  )
+  windows = jnp.asarray(rng.random((b, n, 6, 6)), jnp.float32)
+
+  def per_step(k):
+    return jnp.asarray(rng.normal(size=(b, n, k)), jnp.float32)
+
+  out = air.AIROutput(
+    z_pres=z_pres,
+    z_pres_prob=jnp.asarray(rng.random((b, n)), jnp.float32),
+    mask=jnp.ones((b, n)),
+    z_where=z_where,
+    z_where_loc=z_where,
+    z_where_scale=per_step(3),
+    z_what=per_step(d),
+    z_what_loc=per_step(d),
+    z_what_scale=per_step(d),
+    windows=windows,
+    canvas=spatial_transformer.windows_to_canvas(
+      windows, z_where, z_pres, size
+    ),
+    baseline=jnp.zeros((b, n)),
+  )
+  first = air.present_first(out)
+  # Present steps first, each group in step order.
+  order = np.asarray([[1, 3, 0, 2], [0, 1, 2, 3], [0, 1, 2, 3]])
+  for name in out._fields:
+    if name not in ('canvas', 'mask'):
+      want = np.take_along_axis(
+        np.asarray(getattr(out, name)),
+        order.reshape(*order.shape, *[1] * (getattr(out, name).ndim - 2)),
+        axis=1,
+      )
+      np.testing.assert_array_equal(getattr(first, name), want, err_msg=name)
+  np.testing.assert_array_equal(
+    first.mask, [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+  )
+  np.testing.assert_allclose(
+    spatial_transformer.windows_to_canvas(
+      first.windows, first.z_where, first.z_pres, size
+    ),
+    out.canvas,
+    atol=1e-5,
+  )
+
+
+def _objective(out, images, loss_config, step):
+  """[B] the model's objective of modes taken as a set of objects: the
+  likelihood of their canvas, minus each present object's KL_where, KL_what
+  and log(p / (1 - p))."""
+  prior = loss_config.z_where_prior()
+  kl_where = distributions.normal_kl(
+    distributions.NormalParams(out.z_where_loc, out.z_where_scale), prior
+  )
+  kl_what = distributions.normal_kl(
+    distributions.NormalParams(out.z_what_loc, out.z_what_scale),
+    distributions.NormalParams(
+      jnp.zeros_like(out.z_what_loc), jnp.ones_like(out.z_what_loc)
+    ),
+  )
+  p = loss_config.z_pres_prior(step)
+  log_lik = objectives.log_likelihood(
+    out.canvas, images, 'normal', loss_config.likelihood_std(step)
+  )
+  cost = kl_where + kl_what - (jnp.log(p) - jnp.log1p(-p))
+  return log_lik - jnp.sum(out.z_pres * cost, axis=1)
+
+
+def test_refined_air_modes_raise_its_objective_and_stay_sequential():
+  config = test_config.get_config()
+  model = configuration.create_model(config).clone(skip_finished=False)
+  params = air.init_params(model, 0)
+  loss_config = configuration.loss_config(config)
+  step = config.num_train_steps
+  images = _inked_images(6, seed=2)
+  out = model.apply({'params': params}, images, deterministic=True)
+  # Start from every step present: flips must then drop what does not pay.
+  z_pres = jnp.ones_like(out.z_pres)
+  out = out._replace(
+    z_pres=z_pres,
+    canvas=spatial_transformer.windows_to_canvas(
+      out.windows, out.z_where, z_pres, (50, 50)
+    ),
+  )
+  before = _objective(out, images, loss_config, step)
+  flipped = inference.refine_modes(
+    model, params, images, out, inference.Refinement(loss_config, 3, step)
+  )
+  after = _objective(flipped, images, loss_config, step)
+  assert np.all(np.asarray(after) >= np.asarray(before) - 1e-3)
+  assert np.any(np.asarray(flipped.count) < 3)  # Some flip was taken.
+  lower, upper = model.z_where_bounds()
+  for rounds in (0, 1):
+    refined = inference.refine_modes(
+      model,
+      params,
+      images,
+      out,
+      inference.Refinement(loss_config, 3, step, rounds),
+    )
+    z = np.asarray(refined.z_pres)
+    # A sequential AIR's form: present steps first, mask the step before's.
+    assert np.all(np.diff(z, axis=1) <= 0)
+    np.testing.assert_array_equal(refined.mask[:, 1:], z[:, :-1])
+    np.testing.assert_allclose(
+      refined.canvas,
+      spatial_transformer.windows_to_canvas(
+        refined.windows, refined.z_where, refined.z_pres, (50, 50)
+      ),
+      atol=1e-5,
+    )
+    assert np.all(refined.z_where >= lower) and np.all(refined.z_where <= upper)
+
+
+def test_refined_air_records_library_equals_cli(export_dir, images, tmp_path):
+  config, model, params = inference.load(str(export_dir))
+  npz = tmp_path / 'images.npz'
+  np.savez(npz, images=images)
+  floats = images.astype(np.float32) / 255.0
+  for flips, rounds in ((3, 0), (3, 1)):
+    refine = cli.refinement(config, flips, rounds)
+    records = inference.infer_records(model, params, floats, refine=refine)
+    records_cli = infer_cli.infer(
+      str(export_dir),
+      str(npz),
+      str(tmp_path / f'{rounds}.json'),
+      refine_flips=flips,
+      refine_rounds=rounds,
+    )
+    assert records_cli == records
+    for record in records:  # Objects are the first steps.
+      assert [o['step'] for o in record['objects']] == list(
+        range(record['count'])
+      )

@@ -128,13 +128,16 @@ def originals(tmp_path_factory, model_setup):
   make_run(root / 'run', config, params, steps=(1, 2))
   make_run(root / 'nan_run', config, params, steps=(1, 2), nan_steps=(1, 2))
   make_run(root / 'nan_newest', config, params, steps=(1, 2), nan_steps=(2,))
+  dair = config.copy_and_resolve_references()
+  dair.model.difference = True  # DAIR: the same parameters.
+  checkpointing.save_params(params, str(root / 'dair_export'), dair)
   return root
 
 
 @pytest.fixture
 def work(tmp_path, originals, shape):
   """tmp_path holding copies of the originals and good images."""
-  for name in ('export', 'run', 'nan_run', 'nan_newest'):
+  for name in ('export', 'run', 'nan_run', 'nan_newest', 'dair_export'):
     shutil.copytree(originals / name, tmp_path / name)
   rng = np.random.default_rng(0)
   images = (rng.random((3, *shape)) * 255).astype(np.uint8)
@@ -321,14 +324,16 @@ def test_bad_checkpoints_are_refused(work, capsys):
   line = refused(capsys, infer.infer, str(work / 'nowhere'), images, str(out))
   assert 'no such file' in line
   # --refine_flips and --refine_rounds: not negative, rounds only with
-  # flips, and only for grid models (this is AIR).
-  for flags, says in (
-    (dict(refine_flips=-1), '--refine_flips must be >= 0'),
-    (dict(refine_flips=2), "model.kind 'grid'"),
-    (dict(refine_rounds=-1), '--refine_rounds must be >= 0'),
-    (dict(refine_rounds=2), '--refine_rounds needs --refine_flips'),
+  # flips, and not for DAIR.
+  for model, flags, says in (
+    ('export', dict(refine_flips=-1), '--refine_flips must be >= 0'),
+    ('dair_export', dict(refine_flips=2), 'not DAIR'),
+    ('export', dict(refine_rounds=-1), '--refine_rounds must be >= 0'),
+    ('export', dict(refine_rounds=2), '--refine_rounds needs --refine_flips'),
   ):
-    line = refused(capsys, infer.infer, str(export), images, str(out), **flags)
+    line = refused(
+      capsys, infer.infer, str(work / model), images, str(out), **flags
+    )
     assert says in line, (flags, line)
   # A workdir whose every checkpoint holds NaN parameters.
   line = refused(capsys, infer.infer, str(work / 'nan_run'), images, str(out))

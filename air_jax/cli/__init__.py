@@ -234,9 +234,9 @@ def define_refine_flips():
   return _define_integer_once(
     'refine_flips',
     0,
-    'Grid models: refine the posterior modes by flipping up to this many '
-    'z_pres, each raising the model objective (objectives.greedy_z_pres); '
-    "0: the encoder's modes.",
+    'AIR and grid models (not DAIR): refine the posterior modes by flipping '
+    'up to this many z_pres, each raising the model objective '
+    "(objectives.greedy_z_pres); 0: the encoder's modes.",
   )
 
 
@@ -245,7 +245,7 @@ def define_refine_rounds():
   return _define_integer_once(
     'refine_rounds',
     0,
-    'Grid models, with --refine_flips: after the flips, this many rounds of '
+    'With --refine_flips: after the flips, this many rounds of '
     'moving every z_where up the model objective (10 Adam steps, the '
     'glimpses re-read) and flipping again (objectives.refine_modes).',
   )
@@ -256,7 +256,7 @@ def refinement(
 ) -> inference.Refinement | None:
   """The Refinement --refine_flips and --refine_rounds ask for (None for no
   flips); fails (one line) when one is negative, rounds come without flips
-  or the checkpoint's model is not a grid model."""
+  or the checkpoint's model is DAIR."""
   if refine_flips < 0:
     fail(f'--refine_flips must be >= 0, got {refine_flips}.')
   if refine_rounds < 0:
@@ -265,10 +265,12 @@ def refinement(
     fail('--refine_rounds needs --refine_flips > 0.')
   if not refine_flips:
     return None
-  if config.model.kind != 'grid':
+  if config.model.difference:
     fail(
-      '--refine_flips needs a model with independent proposals '
-      f"(model.kind 'grid'); this checkpoint's is {config.model.kind!r}."
+      '--refine_flips needs AIR or the grid model, not DAIR '
+      '(model.difference): a DAIR step reads its glimpse from the image '
+      "minus the earlier steps' canvas, so its objects cannot be moved "
+      'one at a time.'
     )
   if refine_rounds and config.likelihood != 'normal':
     fail(
