@@ -127,12 +127,12 @@ def eval_batch(
     loss_config.repulsion(step),
   )
   variables = {'params': params}
-  mode = model.apply(variables, images, deterministic=True)
+  refine = None
   if refine_flips > 0:
     refine = inference.Refinement(
       loss_config, refine_flips, step, refine_rounds
     )
-    mode = inference.refine_modes(model, params, images, mode, refine)
+  mode = inference.modes(model, params, images, refine)
   sample = model.apply(variables, images, rngs={'sample': rng})
   terms = objectives.elbo_terms(sample, images, *model_terms)
   result = {

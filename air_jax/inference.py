@@ -38,6 +38,7 @@ __all__ = [
   'infer_records',
   'is_pictures_folder',
   'load',
+  'modes',
   'load_images',
   'records_json',
   'refine_modes',
@@ -400,13 +401,23 @@ def refine_modes(
   return air.present_first(refined) if sequential else refined
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'refine'))
-def _modes(model, params, images: jax.Array, refine: Refinement | None):
-  """The posterior modes, refined if `refine` is given."""
+def modes(
+  model, params, images: jax.Array, refine: Refinement | None = None
+) -> air.AIROutput:
+  """The posterior modes of `images`, refined if `refine` is given. To be
+  refined, a sequential AIR computes every step (`skip_finished` off): the
+  steps a batch would skip hold placeholders, and each absent step is a
+  proposal the refinement may turn on, so an image's result would depend
+  on the other images of its batch."""
+  if refine is not None and isinstance(model, air.AIR):
+    model = model.clone(skip_finished=False)
   out = model.apply({'params': params}, images, deterministic=True)
   if refine is not None:
     out = refine_modes(model, params, images, out, refine)
   return out
+
+
+_modes = jax.jit(modes, static_argnames=('model', 'refine'))
 
 
 def infer_records(

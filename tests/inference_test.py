@@ -355,3 +355,25 @@ def test_refined_air_records_library_equals_cli(export_dir, images, tmp_path):
       assert [o['step'] for o in record['objects']] == list(
         range(record['count'])
       )
+
+
+def test_refined_air_modes_of_an_image_do_not_depend_on_its_batch():
+  # Half the images empty: a batch of one empty image stops at step 1, and
+  # without every step computed its later steps would be placeholders,
+  # where in a batch with inked images they are the network's proposals
+  # (absent ones too, which the refinement moves and may turn on).
+  config = test_config.get_config()
+  model = configuration.create_model(config)
+  params = air.init_params(model, 0)
+  images = np.array(_inked_images(6, seed=3))
+  images[::2] = 0.0
+  refine = cli.refinement(config, 3, 1)
+  together = inference.modes(model, params, jnp.asarray(images), refine)
+  for i in range(len(images)):
+    alone = inference.modes(
+      model, params, jnp.asarray(images[i : i + 1]), refine
+    )
+    np.testing.assert_array_equal(alone.z_pres[0], together.z_pres[i])
+    np.testing.assert_allclose(
+      alone.z_where[0], together.z_where[i], atol=1e-4, err_msg=str(i)
+    )
