@@ -45,24 +45,25 @@ def test_shipped_grid_checkpoint_counts_crowded_canvases():
   assert np.all(np.abs(inferred - data['counts']) <= 3)
 
 
-def test_shipped_grid_checkpoint_counts_better_refined():
-  # The same 40 canvases with the modes refined by 16 flips and 3 rounds
-  # of z_where ascent (`objectives.refine_modes`): 35 of these 40 right,
-  # 31 with the modes alone (RESULTS.md has the whole test split).
-  data = np.load(helpers.TESTDATA / 'many_images.npz')
-  modes = _inferred_counts('many', data['images'])
-  refined = _inferred_counts('many', data['images'], 16, 3)
-  right = np.sum(refined == data['counts'])
-  assert right >= 33 and right > np.sum(modes == data['counts']), refined
+# (checkpoint, committed canvases, flips, the fewest right): the modes
+# refined by the flips and 3 rounds of z_where ascent (`objectives.
+# refine_modes`; RESULTS.md has whole test splits).
+#  * `pretrained/many` on 40 `many` test canvases: 35 right refined, 31
+#    from the modes alone;
+#  * `pretrained/air` on 100 `pyro` test canvases (shrunk digits that may
+#    overlap; AIR's steps refined as a set of objects): 92 refined, 88.
+REFINED = [
+  ('many', 'many_images.npz', 16, 33),
+  ('air', 'pyro_images.npz', 3, 91),
+]
 
 
-def test_shipped_air_checkpoint_counts_better_refined():
-  # 100 fixed `pyro` test canvases (shrunk digits that may overlap): 88 of
-  # them right from the modes, 92 with 3 flips and 3 rounds of z_where
-  # ascent (AIR's steps refined as a set of objects; RESULTS.md has the
-  # whole test split).
-  data = np.load(helpers.TESTDATA / 'pyro_images.npz')
-  modes = _inferred_counts('air', data['images'])
-  refined = _inferred_counts('air', data['images'], 3, 3)
+@pytest.mark.parametrize('name, canvases, flips, at_least', REFINED)
+def test_shipped_checkpoint_counts_better_refined(
+  name, canvases, flips, at_least
+):
+  data = np.load(helpers.TESTDATA / canvases)
+  modes = _inferred_counts(name, data['images'])
+  refined = _inferred_counts(name, data['images'], flips, 3)
   right = np.sum(refined == data['counts'])
-  assert right >= 91 and right > np.sum(modes == data['counts']), refined
+  assert right >= at_least and right > np.sum(modes == data['counts']), refined
