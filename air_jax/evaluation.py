@@ -82,6 +82,8 @@ class EvalResult(NamedTuple):
     'iwae_samples',
     'refine_flips',
     'refine_rounds',
+    'refine_splits',
+    'refine_split_gain',
   ),
 )
 def eval_batch(
@@ -95,6 +97,8 @@ def eval_batch(
   iwae_samples: int = 0,
   refine_flips: int = 0,
   refine_rounds: int = 0,
+  refine_splits: int = 0,
+  refine_split_gain: float = objectives.SPLIT_GAIN,
 ) -> dict[str, jax.Array]:
   """Counts (modes and a sample), ELBO and optionally IWAE of a batch.
 
@@ -111,6 +115,10 @@ def eval_batch(
       models, not DAIR: `inference.refine_modes`).
     refine_rounds: then this many rounds of z_where ascent and flips
       (`objectives.refine_modes`; needs refine_flips > 0).
+    refine_splits: then each of this many of the largest present windows
+      is tried as two (`objectives.split_objects`; needs refine_rounds >
+      0).
+    refine_split_gain: how much a split must raise the objective (nats).
 
   Returns:
     dict of [B] arrays: 'count', 'count_sampled', 'elbo', and 'iwae' when
@@ -130,7 +138,12 @@ def eval_batch(
   refine = None
   if refine_flips > 0:
     refine = inference.Refinement(
-      loss_config, refine_flips, step, refine_rounds
+      loss_config,
+      refine_flips,
+      step,
+      refine_rounds,
+      refine_splits,
+      refine_split_gain,
     )
   mode = inference.modes(model, params, images, refine)
   sample = model.apply(variables, images, rngs={'sample': rng})
@@ -167,9 +180,11 @@ def evaluate(
   max_examples: int | None = None,
   refine_flips: int = 0,
   refine_rounds: int = 0,
+  refine_splits: int = 0,
+  refine_split_gain: float = objectives.SPLIT_GAIN,
 ) -> EvalResult:
   """Count accuracy, confusion matrix, ELBO (and IWAE) on a split
-  (`refine_flips`, `refine_rounds`: see `eval_batch`)."""
+  (`refine_*`: see `eval_batch`)."""
   # Counts 0..N, but no more columns than the data's object slots need
   # (a grid model's N is its number of cells): the last column then also
   # holds every larger count.
@@ -192,6 +207,8 @@ def evaluate(
       iwae_samples=iwae_samples,
       refine_flips=refine_flips,
       refine_rounds=refine_rounds,
+      refine_splits=refine_splits,
+      refine_split_gain=refine_split_gain,
     )
     out = jax.device_get(out)
     counts.append(out['count'][:valid])
@@ -278,6 +295,8 @@ def evaluate_checkpoint(
   batch_size: int = 500,
   refine_flips: int = 0,
   refine_rounds: int = 0,
+  refine_splits: int = 0,
+  refine_split_gain: float = objectives.SPLIT_GAIN,
 ) -> dict[str, Any]:
   """Evaluates a workdir or export on multi-MNIST splits.
 
@@ -292,9 +311,12 @@ def evaluate_checkpoint(
     batch_size: images per evaluation batch.
     refine_flips: see `eval_batch` (0: the encoder's modes).
     refine_rounds: see `eval_batch`.
+    refine_splits: see `eval_batch`.
+    refine_split_gain: see `eval_batch`.
 
   Returns:
     {'checkpoint', 'builder_config', 'refine_flips', 'refine_rounds',
+    'refine_splits', 'refine_split_gain',
     'splits': {name: {...}},
     'infer_ms_per_image_b1', 'infer_ms_per_image_b64'}.
   """
@@ -310,6 +332,8 @@ def evaluate_checkpoint(
     'builder_config': builder_config,
     'refine_flips': refine_flips,
     'refine_rounds': refine_rounds,
+    'refine_splits': refine_splits,
+    'refine_split_gain': refine_split_gain,
     'splits': {},
   }
   images = None
@@ -331,6 +355,8 @@ def evaluate_checkpoint(
       max_examples=max_examples,
       refine_flips=refine_flips,
       refine_rounds=refine_rounds,
+      refine_splits=refine_splits,
+      refine_split_gain=refine_split_gain,
     )
     report['splits'][split] = {
       'count_accuracy': result.count_accuracy,

@@ -367,12 +367,17 @@ def load(checkpoint: str):
 class Refinement(NamedTuple):
   """Posterior modes refined by the model's own objective (AIR and grid
   models): `objectives.greedy_z_pres`, then `rounds` rounds of z_where
-  ascent and flips (`objectives.refine_modes`)."""
+  ascent and flips (`objectives.refine_modes`), then, if `splits` > 0, each
+  of the `splits` largest present windows tried as two, each candidate
+  refined by `rounds` rounds, taken where it raises the objective by more
+  than `split_gain` nats (`objectives.split_objects`; needs rounds > 0)."""
 
   loss_config: objectives.LossConfig  # The model's objective.
   max_flips: int
   step: int  # The training step its schedules are read at.
   rounds: int = 0
+  splits: int = 0
+  split_gain: float = objectives.SPLIT_GAIN
 
 
 def refine_modes(
@@ -386,18 +391,23 @@ def refine_modes(
   config = refine.loss_config
   if sequential:
     config = objectives.objects_as_set(config)
-  refined = objectives.refine_modes(
-    out,
-    images,
-    config,
-    refine.step,
-    refine.max_flips,
-    refine.rounds,
-    functools.partial(
-      model.apply, {'params': params}, images, method='objects_at'
-    ),
-    model.z_where_bounds(),
+  objects_at = functools.partial(
+    model.apply, {'params': params}, images, method='objects_at'
   )
+  search = (refine.step, refine.max_flips, refine.rounds, objects_at)
+  refined = objectives.refine_modes(
+    out, images, config, *search, model.z_where_bounds()
+  )
+  if refine.splits:
+    refined = objectives.split_objects(
+      refined,
+      images,
+      config,
+      *search,
+      model.z_where_bounds(),
+      num_objects=refine.splits,
+      min_gain=refine.split_gain,
+    )
   return air.present_first(refined) if sequential else refined
 
 

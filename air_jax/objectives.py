@@ -559,20 +559,42 @@ def refinement_objective(
     )
   std = config.likelihood_std(step)
   repulsion = config.repulsion(step)
-  kl_where, kl_what = _object_kls(output, config.z_where_prior())
-  prior_logit = _prior_logit(config, step)
-  cost = kl_where + kl_what - prior_logit  # [B, N]
   z_pres = jax.lax.stop_gradient(output.z_pres)
-  g = (
+  gain = _normal_flip_gains(
+    output, images, config.z_where_prior(), std, repulsion
+  ) + _prior_logit(config, step)
+  return set_objective(output, images, config, step) + jnp.sum(
+    (1.0 - z_pres) * gain, axis=1
+  )
+
+
+def set_objective(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+) -> jax.Array:
+  """[B] g of `greedy_z_pres`: the log-likelihood of the canvas minus, for
+  each present object, its KL_where, KL_what and z_pres prior logit, minus
+  the repulsion. What the refinement of the modes climbs and what
+  `split_objects` compares candidates by; z_pres is not differentiated.
+
+  Args:
+    output: AIROutput whose canvas is drawn from its z_pres, z_where and
+      windows.
+    images: [B, H, W].
+    config: the objective's settings.
+    step: the training step the schedules are read at.
+  """
+  kl_where, kl_what = _object_kls(output, config.z_where_prior())
+  cost = kl_where + kl_what - _prior_logit(config, step)  # [B, N]
+  z_pres = jax.lax.stop_gradient(output.z_pres)
+  std = config.likelihood_std(step)
+  return (
     log_likelihood(output.canvas, images, config.likelihood, std)
     - jnp.sum(z_pres * cost, axis=1)
-    - jnp.sum(_repulsion_costs_or_zeros(output, repulsion), axis=1)
+    - jnp.sum(_repulsion_costs_or_zeros(output, config.repulsion(step)), axis=1)
   )
-  gain = (
-    _normal_flip_gains(output, images, config.z_where_prior(), std, repulsion)
-    + prior_logit
-  )
-  return g + jnp.sum((1.0 - z_pres) * gain, axis=1)
 
 
 class ObjectsAt(Protocol):
@@ -627,28 +649,60 @@ def refine_modes(
     The refined AIROutput (z_pres, z_where, z_what, windows, canvas).
   """
   output = greedy_z_pres(output, images, config, step, max_flips)
+  return _ascent_rounds(
+    output,
+    images,
+    config,
+    step,
+    max_flips,
+    rounds,
+    objects_at,
+    bounds,
+    where_steps,
+    where_lr,
+  )
+
+
+def _redraw(
+  output: air.AIROutput, z_where: jax.Array, objects_at: ObjectsAt
+) -> air.AIROutput:
+  """`output` with its objects re-read and redrawn at z_where [B, N, 3]."""
+  what_q, windows = objects_at(z_where)
+  canvas = spatial_transformer.windows_to_canvas(
+    windows, z_where, output.z_pres, output.canvas.shape[1:]
+  )
+  return output._replace(
+    z_where=z_where,
+    z_where_loc=z_where,
+    z_what=what_q.loc,
+    z_what_loc=what_q.loc,
+    z_what_scale=what_q.scale,
+    windows=windows,
+    canvas=canvas,
+  )
+
+
+def _ascent_rounds(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+  max_flips: int,
+  rounds: int,
+  objects_at: ObjectsAt,
+  bounds: tuple[jax.Array, jax.Array],
+  where_steps: int,
+  where_lr: float,
+) -> air.AIROutput:
+  """`rounds` rounds of z_where ascent then `greedy_z_pres` (`refine_modes`
+  after its first flips)."""
   lower, upper = bounds
   b1, b2, eps = 0.9, 0.999, 1e-8
-
-  def redraw(out, z_where):
-    what_q, windows = objects_at(z_where)
-    canvas = spatial_transformer.windows_to_canvas(
-      windows, z_where, out.z_pres, images.shape[1:]
-    )
-    return out._replace(
-      z_where=z_where,
-      z_where_loc=z_where,
-      z_what=what_q.loc,
-      z_what_loc=what_q.loc,
-      z_what_scale=what_q.scale,
-      windows=windows,
-      canvas=canvas,
-    )
 
   def ascend(out):
     grad_fn = jax.grad(
       lambda z: jnp.sum(
-        refinement_objective(redraw(out, z), images, config, step)
+        refinement_objective(_redraw(out, z, objects_at), images, config, step)
       )
     )
 
@@ -665,7 +719,7 @@ def refine_modes(
     z, _, _ = jax.lax.fori_loop(
       0, where_steps, adam, (out.z_where, zeros, zeros)
     )
-    return redraw(out, z)
+    return _redraw(out, z, objects_at)
 
   def one_round(out, _):
     out = greedy_z_pres(ascend(out), images, config, step, max_flips)
@@ -673,6 +727,172 @@ def refine_modes(
 
   output, _ = jax.lax.scan(one_round, output, None, length=rounds)
   return output
+
+
+# How much a split must raise the objective to be taken (nats; chosen on
+# training canvases, RESULTS.md): the objective of `pretrained/air` takes
+# some wide single digits as two windows by a few nats.
+SPLIT_GAIN = 10.0
+
+# Unit vectors (x, y) along which `split_objects` splits a window.
+_SPLIT_DIRECTIONS = (
+  (1.0, 0.0),
+  (0.0, 1.0),
+  (0.5**0.5, 0.5**0.5),
+  (0.5**0.5, -(0.5**0.5)),
+)
+
+
+def split_candidates(
+  z_pres: jax.Array,
+  z_where: jax.Array,
+  num_objects: int,
+  shrink: float = 1.5,
+  bounds: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each of the `num_objects` largest present windows of every image split
+  in two, along each of four directions (horizontal, vertical, the two
+  diagonals): two windows `shrink` times smaller than the one they replace,
+  whose centres sit a quarter of its width either side of its centre; the
+  second takes an absent proposal: the first one whose `bounds` on the
+  centre hold it (or come nearest; without bounds, the first absent one).
+
+  Args:
+    z_pres: [B, N] in {0, 1}.
+    z_where: [B, N, 3] (s, x, y).
+    num_objects: K, how many present windows (the largest first) to split.
+    shrink: the new windows' scale over the old one's (> 1: smaller).
+    bounds: optional ([N, 3], [N, 3]) bounds of each proposal's z_where
+      (a grid model's cells reach only so far).
+
+  Returns:
+    (z_pres [B, C, N], z_where [B, C, N, 3], valid [B, C]) of the C = 4K
+    candidates, ordered by window then direction; a candidate is invalid
+    when its image has fewer than k present windows or no absent proposal.
+  """
+  n = z_pres.shape[1]
+  present = z_pres > 0.5
+  largest = jnp.where(present, -jnp.abs(z_where[..., 0]), -jnp.inf)
+  _, which = jax.lax.top_k(largest, num_objects)  # [B, K]
+  enough = jnp.take_along_axis(present, which, axis=1)  # [B, K]
+  directions = jnp.asarray(_SPLIT_DIRECTIONS, z_where.dtype)  # [D, 2]
+  old = jnp.take_along_axis(z_where, which[..., None], axis=1)  # [B, K, 3]
+  offset = (0.5 / jnp.abs(old[..., :1]))[:, :, None] * directions  # [B,K,D,2]
+  new_scale = jnp.broadcast_to(
+    old[:, :, None, :1] * shrink, offset.shape[:-1] + (1,)
+  )
+  centre = old[:, :, None, 1:]
+  first = jnp.concatenate([new_scale, centre + offset], -1)  # [B, K, D, 3]
+  second = jnp.concatenate([new_scale, centre - offset], -1)
+  b, k, d = first.shape[:3]
+  # How far each proposal's bounds keep it from the second centre.
+  lower, upper = (
+    (jnp.full((n, 3), -jnp.inf), jnp.full((n, 3), jnp.inf))
+    if bounds is None
+    else bounds
+  )
+  at = second[:, :, :, None, 1:]  # [B, K, D, 1, 2]
+  miss = jnp.sum(
+    (at - jnp.clip(at, lower[:, 1:], upper[:, 1:])) ** 2, axis=-1
+  )  # [B, K, D, N]
+  miss = jnp.where(present[:, None, None], jnp.inf, miss)
+  free = jnp.argmin(miss, axis=-1)  # [B, K, D]
+  slots = jnp.arange(n)
+  is_which = (slots == which[:, :, None, None])[..., None]  # [B,K,1,N,1]
+  is_free = (slots == free[..., None])[..., None]  # [B,K,D,N,1]
+  candidate = jnp.where(
+    is_which,
+    first[:, :, :, None],
+    jnp.where(is_free, second[:, :, :, None], z_where[:, None, None]),
+  )  # [B, K, D, N, 3]
+  pres = jnp.where(is_free[..., 0], 1.0, z_pres[:, None, None])
+  has_free = jnp.any(~present, axis=1)
+  valid = jnp.broadcast_to((enough & has_free[:, None])[:, :, None], (b, k, d))
+  return (
+    pres.reshape(b, k * d, n),
+    candidate.reshape(b, k * d, n, 3),
+    valid.reshape(b, k * d),
+  )
+
+
+def split_objects(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+  max_flips: int,
+  rounds: int,
+  objects_at: ObjectsAt,
+  bounds: tuple[jax.Array, jax.Array],
+  num_objects: int = 1,
+  shrink: float = 1.5,
+  min_gain: float = SPLIT_GAIN,
+  where_steps: int = 10,
+  where_lr: float = 0.05,
+) -> air.AIROutput:
+  """Refined modes (`refine_modes`' output) given the chance to read one
+  object as two: the `split_candidates` of the present windows, each
+  re-read and redrawn by the model and refined by `rounds` rounds of
+  z_where ascent and flips; per image, the candidate of highest
+  `set_objective` g replaces `output` if it beats it by more than
+  `min_gain` nats.
+
+  The ascent moves one window at a time up g; a window that covers two
+  close digits sits at a local maximum that the two digits' own windows
+  can beat only together (each alone leaves the other's ink to the big
+  window). A split proposes the pair, and the model's objective decides.
+
+  Args:
+    output: refined posterior modes (`refine_modes`).
+    images: [B, H, W].
+    config: the objective's settings (Normal likelihood).
+    step: the training step the schedules are read at.
+    max_flips: most flips of each `greedy_z_pres`.
+    rounds: rounds of ascent and flips per candidate (>= 1).
+    objects_at: the model's q(z_what) and windows at given z_where.
+    bounds: lower and upper bounds of z_where's means.
+    num_objects: how many present windows (the largest first) to split.
+    shrink: see `split_candidates`.
+    min_gain: how much a split must raise g to be taken (nats).
+    where_steps: Adam steps per round.
+    where_lr: Adam's step size.
+
+  Returns:
+    AIROutput: per image, `output` or its best split.
+  """
+  z_pres, z_where, valid = split_candidates(
+    output.z_pres, output.z_where, num_objects, shrink, bounds
+  )
+  z_where = jnp.clip(z_where, *bounds)
+
+  def refine(pres, where):
+    out = _redraw(output._replace(z_pres=pres), where, objects_at)
+    out = _ascent_rounds(
+      out,
+      images,
+      config,
+      step,
+      max_flips,
+      rounds,
+      objects_at,
+      bounds,
+      where_steps,
+      where_lr,
+    )
+    return out, set_objective(out, images, config, step)
+
+  candidates, g = jax.vmap(refine, in_axes=1, out_axes=1)(z_pres, z_where)
+  g = jnp.where(valid, g, -jnp.inf)  # [B, C]
+  kept = set_objective(output, images, config, step)
+  g = jnp.concatenate([kept[:, None] + min_gain, g], axis=1)
+  best = jnp.argmax(g, axis=1)  # [B] 0: no split.
+
+  def pick(keep, split):
+    stacked = jnp.concatenate([keep[:, None], split], axis=1)
+    index = best.reshape(-1, *([1] * (stacked.ndim - 1)))
+    return jnp.take_along_axis(stacked, index, axis=1)[:, 0]
+
+  return jax.tree.map(pick, output, candidates)
 
 
 def local_expectation_surrogate(

@@ -16,6 +16,7 @@ from air_jax.configs import default
 from air_jax.configs import many
 from air_jax.configs import many_dair
 from air_jax.configs import test as tiny
+from tests import helpers
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -215,9 +216,7 @@ def test_grid_z_pres_init_prob_sets_the_first_q_of_every_cell():
   model = configuration.create_model(config)
   params = air.init_params(model, 0)
   images = jax.random.uniform(jax.random.key(0), (2, 48, 48))
-  out = model.apply(
-    {'params': params}, images, rngs={'sample': jax.random.key(1)}
-  )
+  out = helpers.apply_jitted(model, params, images, key=jax.random.key(1))
   np.testing.assert_allclose(out.z_pres_prob, 0.2, atol=0.01)
 
 

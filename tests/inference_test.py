@@ -200,10 +200,10 @@ def test_air_objects_at_are_what_its_steps_infer_and_draw():
   model = configuration.create_model(config).clone(skip_finished=False)
   params = air.init_params(model, 0)
   images = _inked_images(4)
-  out = model.apply({'params': params}, images, deterministic=True)
-  what_q, windows = model.apply(
-    {'params': params}, images, out.z_where, method='objects_at'
-  )
+  out = helpers.apply_jitted(model, params, images, deterministic=True)
+  what_q, windows = jax.jit(
+    lambda p, x, z: model.apply({'params': p}, x, z, method='objects_at')
+  )(params, images, out.z_where)
   np.testing.assert_allclose(what_q.loc, out.z_what_loc, atol=1e-5)
   np.testing.assert_allclose(what_q.scale, out.z_what_scale, atol=1e-5)
   np.testing.assert_allclose(windows, out.windows, atol=1e-5)
@@ -289,6 +289,12 @@ def _objective(out, images, loss_config, step):
   return log_lik - jnp.sum(out.z_pres * cost, axis=1)
 
 
+# Jitted: eagerly, each loop of the refinement compiles on every call.
+_refine_modes = jax.jit(
+  inference.refine_modes, static_argnames=('model', 'refine')
+)
+
+
 def test_refined_air_modes_raise_its_objective_and_stay_sequential():
   config = test_config.get_config()
   model = configuration.create_model(config).clone(skip_finished=False)
@@ -296,7 +302,7 @@ def test_refined_air_modes_raise_its_objective_and_stay_sequential():
   loss_config = configuration.loss_config(config)
   step = config.num_train_steps
   images = _inked_images(6, seed=2)
-  out = model.apply({'params': params}, images, deterministic=True)
+  out = helpers.apply_jitted(model, params, images, deterministic=True)
   # Start from every step present: flips must then drop what does not pay.
   z_pres = jnp.ones_like(out.z_pres)
   out = out._replace(
@@ -306,7 +312,7 @@ def test_refined_air_modes_raise_its_objective_and_stay_sequential():
     ),
   )
   before = _objective(out, images, loss_config, step)
-  flipped = inference.refine_modes(
+  flipped = _refine_modes(
     model, params, images, out, inference.Refinement(loss_config, 3, step)
   )
   after = _objective(flipped, images, loss_config, step)
@@ -314,7 +320,7 @@ def test_refined_air_modes_raise_its_objective_and_stay_sequential():
   assert np.any(np.asarray(flipped.count) < 3)  # Some flip was taken.
   lower, upper = model.z_where_bounds()
   for rounds in (0, 1):
-    refined = inference.refine_modes(
+    refined = _refine_modes(
       model,
       params,
       images,
@@ -333,6 +339,39 @@ def test_refined_air_modes_raise_its_objective_and_stay_sequential():
       atol=1e-5,
     )
     assert np.all(refined.z_where >= lower) and np.all(refined.z_where <= upper)
+
+
+def test_split_objects_never_lower_the_objective_and_stay_sequential():
+  config = test_config.get_config()
+  model = configuration.create_model(config).clone(skip_finished=False)
+  params = air.init_params(model, 0)
+  loss_config = configuration.loss_config(config)
+  step = config.num_train_steps
+  images = _inked_images(6, seed=4)
+  out = helpers.apply_jitted(model, params, images, deterministic=True)
+  refine = inference.Refinement(loss_config, 3, step, 1)
+  refined = _refine_modes(model, params, images, out, refine)
+  split = _refine_modes(model, params, images, out, refine._replace(splits=2))
+  before = np.asarray(_objective(refined, images, loss_config, step))
+  after = np.asarray(_objective(split, images, loss_config, step))
+  assert np.all(after >= before - 1e-3), (before, after)
+  z = np.asarray(split.z_pres)
+  assert np.all(np.diff(z, axis=1) <= 0)
+  np.testing.assert_array_equal(split.mask[:, 1:], z[:, :-1])
+  np.testing.assert_allclose(
+    split.canvas,
+    spatial_transformer.windows_to_canvas(
+      split.windows, split.z_where, split.z_pres, (50, 50)
+    ),
+    atol=1e-5,
+  )
+  lower, upper = model.z_where_bounds()
+  assert np.all(split.z_where >= lower) and np.all(split.z_where <= upper)
+  # Where no split wins, the refined modes are kept as they were.
+  kept = np.isclose(after, before, atol=1e-3)
+  np.testing.assert_allclose(
+    split.z_where[kept], refined.z_where[kept], atol=1e-5
+  )
 
 
 def test_refined_air_records_library_equals_cli(export_dir, images, tmp_path):
@@ -368,11 +407,11 @@ def test_refined_air_modes_of_an_image_do_not_depend_on_its_batch():
   images = np.array(_inked_images(6, seed=3))
   images[::2] = 0.0
   refine = cli.refinement(config, 3, 1)
-  together = inference.modes(model, params, jnp.asarray(images), refine)
+  # Jitted: two compiles (batches of 6 and 1), not one per call.
+  modes = jax.jit(inference.modes, static_argnames=('model', 'refine'))
+  together = modes(model, params, jnp.asarray(images), refine)
   for i in range(len(images)):
-    alone = inference.modes(
-      model, params, jnp.asarray(images[i : i + 1]), refine
-    )
+    alone = modes(model, params, jnp.asarray(images[i : i + 1]), refine)
     np.testing.assert_array_equal(alone.z_pres[0], together.z_pres[i])
     np.testing.assert_allclose(
       alone.z_where[0], together.z_where[i], atol=1e-4, err_msg=str(i)

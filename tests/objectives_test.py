@@ -568,3 +568,58 @@ def test_z_pres_warmup_stops_only_the_gradient_of_q(estimator):
   np.testing.assert_allclose(d_q, ref_q, rtol=1e-6, atol=1e-9)
   with pytest.raises(ValueError, match='z_pres_warmup_steps'):
     _loss_config(z_pres_warmup_steps=-1)
+
+
+def test_split_candidates_by_hand():
+  # Image 0: steps 0 and 2 present, step 2's window the larger (s = 2 <
+  # 4); step 1 absent. Image 1: every step present (nowhere to put a
+  # second window). Image 2: nothing present.
+  z_pres = jnp.asarray([[1, 0, 1], [1, 1, 1], [0, 0, 0]], jnp.float32)
+  z_where = jnp.asarray(
+    [
+      [[4.0, 0.3, 0.3], [3.0, 0.0, 0.0], [2.0, 0.1, -0.2]],
+      [[2.0, 0.0, 0.0], [2.0, 0.5, 0.5], [2.0, -0.5, -0.5]],
+      [[2.0, 0.0, 0.0], [2.0, 0.5, 0.5], [2.0, -0.5, -0.5]],
+    ]
+  )
+  pres, where, valid = objectives.split_candidates(
+    z_pres, z_where, num_objects=2, shrink=1.5
+  )
+  assert pres.shape == (3, 8, 3) and where.shape == (3, 8, 3, 3)
+  np.testing.assert_array_equal(valid, [[True] * 8, [False] * 8, [False] * 8])
+  # Window 2 first (the largest), a quarter of its width (2 / s) = 0.25
+  # either side of its centre, at scale 3; the second window takes step 1.
+  d = 0.25 / np.sqrt(2.0)
+  offsets = [(0.25, 0.0), (0.0, 0.25), (d, d), (d, -d)]
+  for c, (dx, dy) in enumerate(offsets):
+    np.testing.assert_array_equal(pres[0, c], [1, 1, 1])
+    np.testing.assert_allclose(
+      where[0, c],
+      [[4.0, 0.3, 0.3], [3.0, 0.1 - dx, -0.2 - dy], [3.0, 0.1 + dx, -0.2 + dy]],
+      rtol=1e-6,
+    )
+  # Then window 0 (s = 4): 0.125 either side, at scale 6.
+  np.testing.assert_allclose(
+    where[0, 4], [[6.0, 0.425, 0.3], [6.0, 0.175, 0.3], [2.0, 0.1, -0.2]]
+  )
+
+
+def test_split_candidates_put_the_second_window_where_bounds_allow():
+  # A grid model's proposals reach only near their cells: the second
+  # window goes to the absent proposal whose bounds hold its centre, not
+  # the first absent one.
+  z_pres = jnp.asarray([[1, 0, 0]], jnp.float32)
+  z_where = jnp.asarray([[[2.0, 0.0, 0.0], [2.0, 0.7, 0.0], [2.0, -0.7, 0.0]]])
+  inf = np.inf
+  lower = jnp.asarray([[-inf, -1, -1], [-inf, 0.5, -1], [-inf, -1, -1]])
+  upper = jnp.asarray([[inf, 1, 1], [inf, 1, 1], [inf, -0.1, 1]])
+  pres, where, valid = objectives.split_candidates(
+    z_pres, z_where, 1, bounds=(lower, upper)
+  )
+  assert np.all(valid)
+  # Horizontal: the second centre (-0.25, 0) lies in proposal 2's bounds.
+  np.testing.assert_array_equal(pres[0, 0], [1, 0, 1])
+  np.testing.assert_allclose(where[0, 0, 2], [3.0, -0.25, 0.0])
+  np.testing.assert_allclose(where[0, 0, 1], z_where[0, 1])
+  # Vertical: (0, -0.25) is 0.1 from proposal 2's bounds, 0.5 from 1's.
+  np.testing.assert_array_equal(pres[0, 1], [1, 0, 1])

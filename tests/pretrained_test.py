@@ -11,12 +11,12 @@ PRETRAINED = helpers.REPO / 'pretrained'
 IMAGES = np.load(helpers.TESTDATA / 'pretrained_images.npz')
 
 
-def _inferred_counts(name, images, refine_flips=0, refine_rounds=0):
+def _inferred_counts(name, images, flips=0, rounds=0, splits=0):
   directory = PRETRAINED / name
   if not (directory / 'config.json').is_file():
     pytest.fail(f'{directory} is missing: the shipped checkpoint must exist.')
   config, model, params = inference.load(str(directory))
-  refine = cli.refinement(config, refine_flips, refine_rounds)
+  refine = cli.refinement(config, flips, rounds, splits)
   images = inference.check_images(images, config.model.image_size)
   records = inference.infer_records(model, params, images, refine=refine)
   return np.array([r['count'] for r in records])
@@ -45,25 +45,30 @@ def test_shipped_grid_checkpoint_counts_crowded_canvases():
   assert np.all(np.abs(inferred - data['counts']) <= 3)
 
 
-# (checkpoint, committed canvases, flips, the fewest right): the modes
-# refined by the flips and 3 rounds of z_where ascent (`objectives.
-# refine_modes`; RESULTS.md has whole test splits).
-#  * `pretrained/many` on 40 `many` test canvases: 35 right refined, 31
-#    from the modes alone;
+# (checkpoint, committed canvases, flips, rounds, splits, the fewest right):
+# the modes refined by flips, rounds of z_where ascent and flips
+# (`objectives.refine_modes`) and splits of the largest window in two
+# (`objectives.split_objects`; RESULTS.md has whole test splits).
+#  * `pretrained/many` on 40 `many` test canvases, 16 flips and 3 rounds:
+#    35 right refined, 31 from the modes alone;
 #  * `pretrained/air` on 100 `pyro` test canvases (shrunk digits that may
-#    overlap; AIR's steps refined as a set of objects): 92 refined, 88.
+#    overlap; AIR's steps refined as a set of objects), 3 flips, 3 rounds
+#    and 1 split (taken if it gains 10 nats): 98 right (100 taking every
+#    split that gains, 92 without splits), 88 from the modes.
 REFINED = [
-  ('many', 'many_images.npz', 16, 33),
-  ('air', 'pyro_images.npz', 3, 91),
+  ('many', 'many_images.npz', 16, 3, 0, 33),
+  ('air', 'pyro_images.npz', 3, 3, 1, 97),
 ]
 
 
-@pytest.mark.parametrize('name, canvases, flips, at_least', REFINED)
+@pytest.mark.parametrize(
+  'name, canvases, flips, rounds, splits, at_least', REFINED
+)
 def test_shipped_checkpoint_counts_better_refined(
-  name, canvases, flips, at_least
+  name, canvases, flips, rounds, splits, at_least
 ):
   data = np.load(helpers.TESTDATA / canvases)
   modes = _inferred_counts(name, data['images'])
-  refined = _inferred_counts(name, data['images'], flips, 3)
+  refined = _inferred_counts(name, data['images'], flips, rounds, splits)
   right = np.sum(refined == data['counts'])
   assert right >= at_least and right > np.sum(modes == data['counts']), refined

@@ -97,6 +97,11 @@ def test_bad_arguments_one_line_nothing_written(work, capsys, small_data_dir):
       dict(checkpoint=run, output=out, refine_rounds=1),
       '--refine_rounds needs --refine_flips',
     ),
+    (dict(checkpoint=run, output=out, refine_splits=-1), '--refine_splits'),
+    (
+      dict(checkpoint=run, output=out, refine_flips=2, refine_splits=1),
+      '--refine_splits needs --refine_rounds',
+    ),
     (
       dict(checkpoint=run, output=out, mnist_dir=str(work / 'nowhere')),
       'no such folder',

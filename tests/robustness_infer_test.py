@@ -323,13 +323,25 @@ def test_bad_checkpoints_are_refused(work, capsys):
     assert says in line, (name, line)
   line = refused(capsys, infer.infer, str(work / 'nowhere'), images, str(out))
   assert 'no such file' in line
-  # --refine_flips and --refine_rounds: not negative, rounds only with
-  # flips, and not for DAIR.
+  # --refine_flips, --refine_rounds, --refine_splits and
+  # --refine_split_gain: not negative (nor NaN), rounds only with flips,
+  # splits only with rounds, and not for DAIR.
   for model, flags, says in (
     ('export', dict(refine_flips=-1), '--refine_flips must be >= 0'),
     ('dair_export', dict(refine_flips=2), 'not DAIR'),
     ('export', dict(refine_rounds=-1), '--refine_rounds must be >= 0'),
     ('export', dict(refine_rounds=2), '--refine_rounds needs --refine_flips'),
+    ('export', dict(refine_splits=-1), '--refine_splits must be >= 0'),
+    (
+      'export',
+      dict(refine_flips=2, refine_rounds=1, refine_split_gain=float('nan')),
+      '--refine_split_gain must be >= 0',
+    ),
+    (
+      'export',
+      dict(refine_flips=2, refine_splits=1),
+      '--refine_splits needs --refine_rounds',
+    ),
   ):
     line = refused(
       capsys, infer.infer, str(work / model), images, str(out), **flags

@@ -10,8 +10,11 @@ DAIR), --refine_flips=K counts with the posterior modes refined by up to K
 single z_pres flips that each raise the model's objective
 (`objectives.greedy_z_pres`), and --refine_rounds=R then moves every
 z_where up that objective and flips again, R times
-(`objectives.refine_modes`). The data configuration (TFDS data
-dir, builder config) is the checkpoint's own unless a flag names another.
+(`objectives.refine_modes`); --refine_splits=K then tries each of the K
+largest present windows as two, taken where the objective rises by more
+than --refine_split_gain nats (`objectives.split_objects`). The data
+configuration (TFDS data dir, builder config) is the checkpoint's own
+unless a flag names another.
 
 Every argument is checked before the evaluation starts; the report is
 written atomically (an old report at --output stays whole until the new one
@@ -27,6 +30,7 @@ from absl import flags
 from air_jax import checkpointing
 from air_jax import cli
 from air_jax import evaluation
+from air_jax import objectives
 from air_jax.datasets.multi_mnist import multi_mnist
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
@@ -52,6 +56,8 @@ _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0, 'Per split; 0: all.')
 _BATCH = flags.DEFINE_integer('batch_size', 500, 'Images per batch.')
 _REFINE = cli.define_refine_flips()
 _ROUNDS = cli.define_refine_rounds()
+_SPLITS_OF_WINDOWS = cli.define_refine_splits()
+_SPLIT_GAIN = cli.define_refine_split_gain()
 
 
 def check_split_names(builder_config: str, splits) -> None:
@@ -83,6 +89,8 @@ def evaluate(
   batch_size: int = 500,
   refine_flips: int = 0,
   refine_rounds: int = 0,
+  refine_splits: int = 0,
+  refine_split_gain: float = objectives.SPLIT_GAIN,
 ) -> dict:
   """The program without its flags: checks everything, evaluates, writes
   the report; every failure ends in `cli.fail` (one line, exit 1)."""
@@ -108,7 +116,9 @@ def evaluate(
     if not builder_config:  # The checkpoint's.
       check_split_names(config.data.builder_config, splits)
     # Checks the flags (one line).
-    cli.refinement(config, refine_flips, refine_rounds)
+    cli.refinement(
+      config, refine_flips, refine_rounds, refine_splits, refine_split_gain
+    )
     report = evaluation.evaluate_checkpoint(
       checkpoint,
       splits=splits,
@@ -120,6 +130,8 @@ def evaluate(
       batch_size=batch_size,
       refine_flips=refine_flips,
       refine_rounds=refine_rounds,
+      refine_splits=refine_splits,
+      refine_split_gain=refine_split_gain,
     )
     evaluation.write_report(report, output)
   return report
@@ -139,6 +151,8 @@ def main(argv):
     batch_size=_BATCH.value,
     refine_flips=_REFINE.value,
     refine_rounds=_ROUNDS.value,
+    refine_splits=_SPLITS_OF_WINDOWS.value,
+    refine_split_gain=_SPLIT_GAIN.value,
   )
   print(evaluation.format_table(report))
 

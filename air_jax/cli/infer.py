@@ -19,7 +19,9 @@ folder, or one holding only an earlier run's pictures (then replaced).
 refined by up to K single z_pres flips, each raising the model's own objective
 (`objectives.greedy_z_pres`), as `air-evaluate --refine_flips` counts;
 --refine_rounds=R then moves every z_where up that objective and flips
-again, R times (`objectives.refine_modes`).
+again, R times (`objectives.refine_modes`); --refine_splits=K then tries
+each of the K largest present windows as two, taken where the objective
+rises by more than --refine_split_gain nats (`objectives.split_objects`).
 """
 
 from absl import flags
@@ -28,6 +30,7 @@ from air_jax import checkpointing
 from air_jax import cli
 from air_jax import files
 from air_jax import inference
+from air_jax import objectives
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
 _IMAGES = cli.define_string(
@@ -47,6 +50,8 @@ _MAX_STEPS = flags.DEFINE_integer(
 )
 _REFINE = cli.define_refine_flips()
 _ROUNDS = cli.define_refine_rounds()
+_SPLITS = cli.define_refine_splits()
+_SPLIT_GAIN = cli.define_refine_split_gain()
 
 
 def check_paths(checkpoint, images, output, pictures) -> None:
@@ -71,6 +76,8 @@ def infer(
   max_steps: int | None = None,
   refine_flips: int = 0,
   refine_rounds: int = 0,
+  refine_splits: int = 0,
+  refine_split_gain: float = objectives.SPLIT_GAIN,
 ) -> list:
   """The program without its flags: checks everything, infers, writes the
   JSON (and pictures); every failure ends in `cli.fail` (one line, exit 1)
@@ -90,7 +97,9 @@ def infer(
           f"'air'); this checkpoint's model is {config.model.kind!r}."
         )
       model = model.clone(max_steps=max_steps)
-    refine = cli.refinement(config, refine_flips, refine_rounds)
+    refine = cli.refinement(
+      config, refine_flips, refine_rounds, refine_splits, refine_split_gain
+    )
     records = inference.infer_records(model, params, pixels, refine=refine)
     data = inference.records_json(records).encode('utf-8')
     with files.staged_bytes(output, data) as commit:
@@ -110,6 +119,8 @@ def main(argv):
     _MAX_STEPS.value,
     _REFINE.value,
     _ROUNDS.value,
+    _SPLITS.value,
+    _SPLIT_GAIN.value,
   )
   print(f'{len(records)} images -> {_OUTPUT.value}')
 
