@@ -39,7 +39,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix $(SOURCES)
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(ARGS)

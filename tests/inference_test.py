@@ -22,9 +22,6 @@ from air_jax.cli import infer as infer_cli
 from air_jax.configs import test as test_config
 from tests import helpers
 
-# Its module fixtures are built once: all its tests run on one xdist worker.
-pytestmark = pytest.mark.xdist_group('inference_test')
-
 
 @pytest.fixture(scope='module')
 def export_dir(tmp_path_factory):

@@ -15,9 +15,6 @@ from air_jax.datasets import multi_mnist
 from air_jax.datasets.multi_mnist import generate
 from tests import helpers
 
-# Its module fixtures are built once: all its tests run on one xdist worker.
-pytestmark = pytest.mark.xdist_group('multi_mnist_test')
-
 
 def _refuse_network(monkeypatch):
   def refuse(*args, **kwargs):

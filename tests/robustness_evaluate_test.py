@@ -25,9 +25,6 @@ from air_jax.configs import test as test_config
 from tests import helpers
 from tests import robustness_infer_test as shared
 
-# Its module fixtures are built once: all its tests run on one xdist worker.
-pytestmark = pytest.mark.xdist_group('robustness_evaluate_test')
-
 FAST = dict(splits=['test'], iwae_samples=0, max_examples=20, batch_size=20)
 
 

@@ -30,9 +30,6 @@ from air_jax.cli import infer
 from air_jax.configs import test as test_config
 from tests import helpers
 
-# Its module fixtures are built once: all its tests run on one xdist worker.
-pytestmark = pytest.mark.xdist_group('robustness_infer_test')
-
 # --- Shared helpers (robustness_evaluate_test uses them too) --------------
 
 

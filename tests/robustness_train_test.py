@@ -29,9 +29,6 @@ from air_jax.cli import train as train_cli
 from tests import helpers
 from tests import robustness_infer_test as shared
 
-# Its module fixtures are built once: all its tests run on one xdist worker.
-pytestmark = pytest.mark.xdist_group('robustness_train_test')
-
 TIMEOUT = 420
 _INFO = re.compile(r'I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ')
 _OTHER_RECORD = re.compile(r'[WEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ')
