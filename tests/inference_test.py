@@ -372,6 +372,31 @@ def test_split_objects_never_lower_the_objective_and_stay_sequential():
   np.testing.assert_allclose(
     split.z_where[kept], refined.z_where[kept], atol=1e-5
   )
+  # The untrained model finds nothing to split; with step 0 present and no
+  # gain asked for (-inf), every image takes its best split: step 0's
+  # window is replaced by two, and the result is still a sequential AIR's.
+  z_pres = jnp.zeros_like(out.z_pres).at[:, 0].set(1.0)
+  one = out._replace(
+    z_pres=z_pres,
+    canvas=spatial_transformer.windows_to_canvas(
+      out.windows, out.z_where, z_pres, (50, 50)
+    ),
+  )
+  forced = _refine_modes(
+    model,
+    params,
+    images,
+    one,
+    refine._replace(max_flips=0, rounds=1, splits=1, split_gain=-np.inf),
+  )
+  unsplit = _refine_modes(
+    model, params, images, one, refine._replace(max_flips=0, rounds=1)
+  )
+  moved = np.abs(forced.z_where[:, 0] - unsplit.z_where[:, 0]) > 1e-3
+  assert np.all(np.any(moved, axis=-1))
+  # No flips: the two windows of the split are both present, first.
+  np.testing.assert_array_equal(forced.z_pres, [[1, 1, 0]] * len(images))
+  assert np.all(forced.z_where >= lower) and np.all(forced.z_where <= upper)
 
 
 def test_refined_air_records_library_equals_cli(export_dir, images, tmp_path):
