@@ -7,6 +7,8 @@ its backend; subprocesses inherit it (`helpers.xla_flags`).
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,7 +17,20 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
     [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']
   ).strip()
 
-from tests import helpers
+# One persistent compilation cache for the whole run, made here in the
+# first process (the xdist controller, whose workers and every subprocess
+# inherit the environment): many tests compile the same programs (the test
+# config's train step, in-process and in each launched run), and a hit is
+# read back in milliseconds. Only programs that took a second or more to
+# compile are written. A cache the caller names is used as it is.
+_CACHE_PREFIX = 'air_jax_tests_xla_'
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+    prefix=_CACHE_PREFIX
+  )
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+
+from tests import helpers  # noqa: E402 (after the environment above)
 
 
 @pytest.fixture(scope='session')
@@ -45,3 +60,13 @@ def small_data_dir(tmp_path_factory):
     )
     input_pipeline.prepare(str(data_dir), None, 'small')
   return str(data_dir)
+
+
+def pytest_sessionfinish(session):
+  """The run's own compilation cache goes when the run ends (in the xdist
+  controller once every worker is done, or in the one process)."""
+  if hasattr(session.config, 'workerinput'):
+    return
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
+  if os.path.basename(cache).startswith(_CACHE_PREFIX):
+    shutil.rmtree(cache, ignore_errors=True)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 from absl import flags
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -104,8 +105,11 @@ def file_hash(path) -> str:
 
 @pytest.fixture(scope='module')
 def cache(tmp_path_factory):
-  """One XLA cache for the module: only the first run compiles."""
-  return str(tmp_path_factory.mktemp('xla'))
+  """The run's XLA cache (tests/conftest.py), else one for the module:
+  only the first run compiles."""
+  return os.environ.get('JAX_COMPILATION_CACHE_DIR') or str(
+    tmp_path_factory.mktemp('xla')
+  )
 
 
 @pytest.fixture(scope='module')
@@ -233,6 +237,25 @@ def _run_in_process(capsys, monkeypatch, argv) -> tuple[int, str]:
       if name.startswith('config.'):
         delattr(flags.FLAGS, name)
   return exit_info.value.code, capsys.readouterr().err
+
+
+def test_an_empty_compilation_cache_turns_off_the_environments(tmp_path):
+  """--compilation_cache='' means no cache, even where
+  JAX_COMPILATION_CACHE_DIR (which jax reads itself) names one."""
+  before = (
+    jax.config.jax_compilation_cache_dir,
+    jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
+  try:
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'env'))
+    train_cli.enable_compilation_cache('')
+    assert jax.config.jax_compilation_cache_dir is None
+    train_cli.enable_compilation_cache(str(tmp_path / 'mine'))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'mine')
+    assert (tmp_path / 'mine').is_dir()
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before[0])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
 
 
 # ml_collections loads config files with importlib's deprecated load_module.

@@ -43,14 +43,16 @@ def test_one_train_step_is_finite_in_range_and_compiles_once():
   state, tx = train.create_train_state(config, model)
   step_fn = helpers.train_step_fn(config, model, tx)
 
+  # Named as the other tests' jitted step: the same program, compiled once
+  # per run (the compilation cache of tests/conftest.py).
   @jax.jit
   @chex.assert_max_traces(n=1)
-  def step(state, images):
+  def train_step(state, images):
     return step_fn(state, images)
 
   images = jax.random.uniform(jax.random.key(0), (8, 50, 50))
   for i in range(3):
-    state, metrics = step(state, images * (0.5 + 0.1 * i))
+    state, metrics = train_step(state, images * (0.5 + 0.1 * i))
   assert int(state.step) == 3 and int(state.num_skipped) == 0
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
   metrics = jax.device_get(metrics)
@@ -326,7 +328,6 @@ def _run_training(workdir, data_dir, extra_env=None, args=()):
     '--config.eval_every_steps=4',
     '--config.checkpoint_every_steps=2',
     '--config.image_every_steps=4',
-    '--compilation_cache=',
   ]
   env = {'JAX_PLATFORMS': 'cpu', **(extra_env or {})}
   return _launch(workdir, data_dir, [*short, *args], env)

@@ -53,13 +53,15 @@ _SEEDS = flags.DEFINE_list(
 )
 _CACHE = flags.DEFINE_string(
   'compilation_cache',
-  os.path.join(
+  os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  or os.path.join(
     os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
     'air_jax',
     'xla',
   ),
   "JAX's persistent compilation cache ('' disables it): a second run of a "
-  'config starts without compiling.',
+  'config starts without compiling. Defaults to JAX_COMPILATION_CACHE_DIR '
+  'when that is set.',
 )
 
 _MULTIPROCESS_ENV = (
@@ -70,8 +72,10 @@ _MULTIPROCESS_ENV = (
 
 
 def enable_compilation_cache(directory: str) -> None:
-  """Caches compiled programs on disk (the train step takes seconds)."""
+  """Caches compiled programs on disk (the train step takes seconds); ''
+  turns the cache off, even one named by JAX_COMPILATION_CACHE_DIR."""
   if not directory:
+    jax.config.update('jax_compilation_cache_dir', None)
     return
   try:
     os.makedirs(directory, exist_ok=True)
