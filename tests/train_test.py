@@ -43,8 +43,8 @@ def test_one_train_step_is_finite_in_range_and_compiles_once():
   state, tx = train.create_train_state(config, model)
   step_fn = helpers.train_step_fn(config, model, tx)
 
-  # Named as the other tests' jitted step: the same program, compiled once
-  # per run (the compilation cache of tests/conftest.py).
+  # Named as the scanned-loop test's host step: the same program, which the
+  # run's compilation cache (tests/conftest.py) then compiles once.
   @jax.jit
   @chex.assert_max_traces(n=1)
   def train_step(state, images):
