@@ -17,7 +17,6 @@ mismatch than damage, and the run stops with one line instead.
 """
 
 import contextlib
-import fcntl
 import json
 import logging as pylogging
 import os
@@ -59,7 +58,6 @@ __all__ = [
   'save_config',
   'save_params',
   'steps',
-  'workdir_lock',
 ]
 
 CONFIG_FILE = 'config.json'
@@ -484,50 +482,7 @@ def load_model(path: str, step: int | None = None):
   return config, model, params
 
 
-# --- Training: the workdir lock, resuming, saving --------------------------
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-  """Holds an exclusive lock on the workdir folder itself.
-
-  The kernel releases it when the process ends, however it ends, so a
-  crashed or killed run leaves no stale lock; no lock file is written. A
-  workdir this call created is removed again if the run leaves it empty.
-
-  Raises:
-    TrainingError: the workdir is held by another process, or it is not a
-      folder that can be created and written.
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise TrainingError(f'--workdir {workdir} is a file, not a folder.')
-  created = not os.path.exists(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
-  except OSError as e:
-    raise TrainingError(
-      f'--workdir {workdir}: cannot create or open it ({_short(e)}).'
-    ) from e
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-      raise TrainingError(
-        f'{workdir} is in use by another training process; wait for it to '
-        'finish or use another --workdir.'
-      ) from e
-    if not os.access(workdir, os.W_OK):
-      raise TrainingError(f'--workdir {workdir} is not writable.')
-    try:
-      yield
-    finally:
-      fcntl.flock(fd, fcntl.LOCK_UN)
-  finally:
-    os.close(fd)
-    if created:
-      with contextlib.suppress(OSError):
-        os.rmdir(workdir)  # Only if the run failed before writing anything.
+# --- Training: resuming, saving --------------------------
 
 
 def check_resume_config(config, workdir: str, allow_config_change: bool):

@@ -189,6 +189,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in (
     'grad_clip_norm',
     'z_pres_warmup_steps',
+    'init_step',
     'model.unroll',
     'eval_max_examples',
     'model.grid_max_shift',
@@ -208,12 +209,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'model.z_pres_logit_bound ({bound:g}), got {init_prob!r}.'
     )
   k = int(config.steps_per_dispatch)
-  for name in _PERIODS + ('num_train_steps',):
+  for name in _PERIODS + ('num_train_steps', 'init_step'):
     if int(fields[name]) % k:
       raise ConfigError(
         f'{name} ({fields[name]}) must be a multiple of steps_per_dispatch '
         f'({k}): logging, evaluation and checkpoints fall between dispatches.'
       )
+  if int(config.init_step) > int(config.num_train_steps):
+    raise ConfigError(
+      f'init_step ({config.init_step}) must be <= num_train_steps '
+      f'({config.num_train_steps}).'
+    )
   if config.model.kind not in MODEL_KINDS:
     raise ConfigError(
       f'model.kind must be one of {MODEL_KINDS}, got {config.model.kind!r}.'

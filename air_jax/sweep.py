@@ -14,6 +14,7 @@ from air_jax import configuration
 from air_jax import device_data
 from air_jax import input_pipeline
 from air_jax import train
+from air_jax import workdir as workdir_lib
 
 __all__ = [
   'sweep_workdir',
@@ -61,7 +62,7 @@ def train_sweep(
     opened = []
     for member_config in configs:
       path = sweep_workdir(workdir, member_config.seed)
-      stack.enter_context(checkpointing.workdir_lock(path))
+      stack.enter_context(workdir_lib.lock(path))
       opened.append(train.open_run(member_config, path, allow_config_change))
     members = [m for m, _, _ in opened]
     steps = {int(s.step) for _, s, _ in opened}

@@ -13,6 +13,7 @@ an uninterrupted one exactly.
 
 import contextlib
 import functools
+import os
 import time
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
   'loop',
   'make_optimizer',
   'open_run',
+  'start_from',
   'train_and_evaluate',
   'train_step',
   'train_steps',
@@ -110,6 +112,39 @@ def create_train_state(config: ml_collections.ConfigDict, model: air.AIR):
     consecutive_skipped=jnp.zeros((), jnp.int32),
   )
   return state, tx
+
+
+# Model fields that may differ between a run and the run it starts from:
+# they change speed or drop the baseline network, not the parameters' meaning.
+_INIT_FREE_FIELDS = ('use_baseline', 'unroll', 'skip_finished')
+
+
+def start_from(state: TrainState, tx, config: ml_collections.ConfigDict):
+  """A fresh `state` with the parameters of `config.init_from` (an export
+  or workdir) at step `config.init_step`, its optimiser state new.
+
+  A baseline network the source lacks (exports drop it) keeps its fresh
+  initialisation.
+
+  Raises:
+    checkpointing.CheckpointError: no usable parameters there.
+    configuration.ConfigError: the source's model fields differ.
+  """
+  source, _, params = checkpointing.load_model(config.init_from)
+  changed = configuration.differences(
+    source.model, config.model, ignore=_INIT_FREE_FIELDS
+  )
+  if changed:
+    raise configuration.ConfigError(
+      f'init_from {config.init_from} holds another model (model fields '
+      f'{changed} differ).'
+    )
+  params = {k: params.get(k, fresh) for k, fresh in state.params.items()}
+  return state.replace(
+    step=jnp.asarray(config.init_step, jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+  )
 
 
 def example_keys(seed: int, step, first_index, count: int) -> jax.Array:
@@ -374,9 +409,7 @@ def train_and_evaluate(
       f'{total_devices} devices.'
     )
   chief = jax.process_index() == 0
-  lock = (
-    checkpointing.workdir_lock(workdir) if chief else contextlib.nullcontext()
-  )
+  lock = workdir_lib.lock(workdir) if chief else contextlib.nullcontext()
   with lock:
     # The data is prepared and its size known before the workdir is touched.
     shape = device_data.data_shape(config, num_devices)
@@ -427,6 +460,13 @@ def open_run(config, workdir, allow_config_change):
   checkpointing.check_resume_config(config, workdir, allow_config_change)
   model = configuration.create_model(config)
   state, tx = create_train_state(config, model)
+  if not checkpointing.steps(
+    os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  ):  # A new run (before anything is written to its workdir).
+    if config.init_from:
+      state = start_from(state, tx, config)
+    else:
+      state = state.replace(step=jnp.asarray(config.init_step, jnp.int32))
   manager = checkpointing.checkpoint_manager(
     workdir, config.max_checkpoints_to_keep
   )

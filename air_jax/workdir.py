@@ -5,7 +5,9 @@ Only process 0 of a multi-process run writes files other than checkpoints
 (orbax coordinates those itself).
 """
 
+import contextlib
 import ctypes
+import fcntl
 import os
 import time
 
@@ -20,8 +22,54 @@ from air_jax import writers
 
 __all__ = [
   'RunDir',
+  'lock',
   'release_free_memory',
 ]
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds an exclusive lock on the workdir folder itself.
+
+  The kernel releases it when the process ends, however it ends, so a
+  crashed or killed run leaves no stale lock; no lock file is written. A
+  workdir this call created is removed again if the run leaves it empty.
+
+  Raises:
+    checkpointing.TrainingError: the workdir is held by another process,
+      or it is not a folder that can be created and written.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise checkpointing.TrainingError(
+      f'--workdir {workdir} is a file, not a folder.'
+    )
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError as e:
+    raise checkpointing.TrainingError(
+      f'--workdir {workdir}: cannot create or open it ({e.strerror or e}).'
+    ) from e
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise checkpointing.TrainingError(
+        f'{workdir} is in use by another training process; wait for it to '
+        'finish or use another --workdir.'
+      ) from e
+    if not os.access(workdir, os.W_OK):
+      raise checkpointing.TrainingError(f'--workdir {workdir} is not writable.')
+    try:
+      yield
+    finally:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
+    if created:
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)  # Only if the run failed before writing anything.
 
 
 def release_free_memory() -> None:

@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax import air
-from air_jax import cli
 from air_jax import inference
 from air_jax import input_pipeline
 from air_jax import metrics
 from air_jax import objectives
 from air_jax import spatial_transformer
+from air_jax.cli import refine as refine_cli
 
 
 def _centres(boxes):
@@ -72,8 +72,8 @@ def main():
   split = input_pipeline.load_split('test', args.data_dir, 'many')
   images = jnp.asarray(split.images[: args.num].astype(np.float32) / 255.0)
   true = split.num_objects[: args.num]
-  refine = cli.refinement(config, args.refine_flips, args.refine_rounds)
-  loss = cli.refinement(config, 1).loss_config
+  refine = refine_cli.refinement(config, args.refine_flips, args.refine_rounds)
+  loss = refine_cli.refinement(config, 1).loss_config
   step = int(config.num_train_steps)
   p = np.clip(loss.z_pres_prior(step), 1e-35, 1 - 1e-7)
   prior_logit = np.log(p) - np.log1p(-p)

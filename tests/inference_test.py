@@ -12,13 +12,13 @@ import pytest
 
 from air_jax import air
 from air_jax import checkpointing
-from air_jax import cli
 from air_jax import configuration
 from air_jax import distributions
 from air_jax import inference
 from air_jax import objectives
 from air_jax import spatial_transformer
 from air_jax.cli import infer as infer_cli
+from air_jax.cli import refine as refine_cli
 from air_jax.configs import test as test_config
 from tests import helpers
 
@@ -405,7 +405,7 @@ def test_refined_air_records_library_equals_cli(export_dir, images, tmp_path):
   np.savez(npz, images=images)
   floats = images.astype(np.float32) / 255.0
   for flips, rounds in ((3, 0), (3, 1)):
-    refine = cli.refinement(config, flips, rounds)
+    refine = refine_cli.refinement(config, flips, rounds)
     records = inference.infer_records(model, params, floats, refine=refine)
     records_cli = infer_cli.infer(
       str(export_dir),
@@ -431,7 +431,7 @@ def test_refined_air_modes_of_an_image_do_not_depend_on_its_batch():
   params = air.init_params(model, 0)
   images = np.array(_inked_images(6, seed=3))
   images[::2] = 0.0
-  refine = cli.refinement(config, 3, 1)
+  refine = refine_cli.refinement(config, 3, 1)
   # Jitted: two compiles (batches of 6 and 1), not one per call.
   modes = jax.jit(inference.modes, static_argnames=('model', 'refine'))
   together = modes(model, params, jnp.asarray(images), refine)

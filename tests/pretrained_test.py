@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from air_jax import cli
 from air_jax import inference
+from air_jax.cli import refine as refine_cli
 from tests import helpers
 
 PRETRAINED = helpers.REPO / 'pretrained'
@@ -16,7 +16,7 @@ def _inferred_counts(name, images, flips=0, rounds=0, splits=0):
   if not (directory / 'config.json').is_file():
     pytest.fail(f'{directory} is missing: the shipped checkpoint must exist.')
   config, model, params = inference.load(str(directory))
-  refine = cli.refinement(config, flips, rounds, splits)
+  refine = refine_cli.refinement(config, flips, rounds, splits)
   images = inference.check_images(images, config.model.image_size)
   records = inference.infer_records(model, params, images, refine=refine)
   return np.array([r['count'] for r in records])

@@ -26,6 +26,7 @@ import pytest
 
 from air_jax import checkpointing
 from air_jax import cli
+from air_jax import workdir as workdir_lib
 from air_jax.cli import train as train_cli
 from tests import helpers
 from tests import robustness_infer_test as shared
@@ -194,6 +195,10 @@ def _bad_cases(root, new):
       [f'--config={test}', f'--workdir={new}', '--config.model.lstm_size=-4'],
       'lstm_size must be > 0',
     ),
+    (
+      [f'--config={test}', f'--workdir={new}', '--config.init_step=600'],
+      'init_step (600) must be <= num_train_steps',
+    ),
     ([f'--config={test}', f'--workdir={new}', 'stray'], 'unexpected'),
     ([f'--config={test}', f'--workdir={new}', '--no_such'], 'no_such'),
     ([f'--config={test}'], '--workdir is required'),
@@ -355,8 +360,8 @@ def test_failed_resumes_leave_the_run_untouched(
 
 _HOLD_LOCK = """
 import sys, time
-from air_jax import checkpointing
-with checkpointing.workdir_lock(sys.argv[1]):
+from air_jax import workdir as workdir_lib
+with workdir_lib.lock(sys.argv[1]):
   print('locked', flush=True)
   time.sleep(600)
 """
@@ -386,15 +391,15 @@ def test_a_locked_workdir_is_refused_and_a_killed_holder_frees_it(
     holder.send_signal(signal.SIGKILL)
     holder.wait()
   # No stale lock: the kernel dropped it with the process.
-  with checkpointing.workdir_lock(str(workdir)):
+  with workdir_lib.lock(str(workdir)):
     pass
   assert not any(p.name.startswith('.') for p in workdir.iterdir())
 
 
 def test_workdir_lock_excludes_a_second_holder(tmp_path):
-  with checkpointing.workdir_lock(str(tmp_path / 'w')):
+  with workdir_lib.lock(str(tmp_path / 'w')):
     with pytest.raises(checkpointing.TrainingError, match='in use'):
-      with checkpointing.workdir_lock(str(tmp_path / 'w')):
+      with workdir_lib.lock(str(tmp_path / 'w')):
         pass
   # A workdir the lock created and nothing used is removed again.
   assert not (tmp_path / 'w').exists()

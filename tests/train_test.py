@@ -13,6 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from air_jax import checkpointing
@@ -89,6 +90,41 @@ def test_the_optimiser_groups_the_baseline_by_its_key():
       )
     )
     assert moved == (key == 'baseline'), key
+
+
+def test_a_new_run_starts_from_another_runs_export(tmp_path):
+  source = _tiny_config()
+  source.seed = 7
+  model = configuration.create_model(source)
+  trained, _ = train.create_train_state(source, model)
+  checkpointing.save_params(trained.params, str(tmp_path / 'export'), source)
+  config = _tiny_config()
+  config.init_from = str(tmp_path / 'export')
+  config.init_step = 4
+  _, state, tx = train.open_run(config, str(tmp_path / 'run'), False)
+  fresh, _ = train.create_train_state(config, model)
+  assert int(state.step) == 4
+  for key in state.params:  # The export has no baseline network.
+    want = fresh.params if key == 'baseline' else trained.params
+    chex.assert_trees_all_close(state.params[key], want[key])
+  chex.assert_trees_all_equal(state.opt_state, tx.init(state.params))
+  # Once the run has a checkpoint it resumes from it; init_from is not read.
+  manager = checkpointing.checkpoint_manager(str(tmp_path / 'run'))
+  manager.save(5, args=ocp.args.StandardSave(state.replace(step=5)))
+  manager.wait_until_finished()
+  config.init_from = str(tmp_path / 'nowhere')
+  _, resumed, _ = train.open_run(config, str(tmp_path / 'run'), True)
+  assert int(resumed.step) == 5
+  # Another model is refused by name.
+  config.init_from = str(tmp_path / 'export')
+  config.model.z_what_size = 5
+  with pytest.raises(configuration.ConfigError, match='z_what_size'):
+    train.open_run(config, str(tmp_path / 'other'), False)
+  assert not (tmp_path / 'other').exists()  # Refused before writing.
+  config.init_from = str(tmp_path / 'nowhere')
+  with pytest.raises(checkpointing.CheckpointError, match='nowhere'):
+    train.open_run(config, str(tmp_path / 'other'), False)
+  assert not (tmp_path / 'other').exists()
 
 
 def test_non_finite_updates_are_skipped_and_counted():

@@ -20,7 +20,6 @@ from air_jax import checkpointing
 from air_jax import configuration
 from air_jax import files
 from air_jax import inference
-from air_jax import objectives
 from air_jax import writers
 from air_jax.configs import NAMES
 from air_jax.configs import default
@@ -213,7 +212,7 @@ def run(main, argv=None) -> None:
   app.run(main, argv=argv, flags_parser=parse_flags)
 
 
-def _define_once(define, name: str, default, help_text: str):
+def define_once(define, name: str, default, help_text: str):
   """`define(name, default, help_text)` (a `flags.DEFINE_*`), or the holder
   of the flag of that name when another program's module (imported in the
   same process, e.g. by tests) defined it already."""
@@ -223,105 +222,8 @@ def _define_once(define, name: str, default, help_text: str):
 
 
 def define_string(name: str, default: str | None, help_text: str):
-  """`flags.DEFINE_string`, once per process (`_define_once`)."""
-  return _define_once(flags.DEFINE_string, name, default, help_text)
-
-
-def _define_integer_once(name: str, default: int, help_text: str):
-  """`flags.DEFINE_integer`, once per process (`_define_once`)."""
-  return _define_once(flags.DEFINE_integer, name, default, help_text)
-
-
-def define_refine_flips():
-  """The --refine_flips flag of air-evaluate and air-infer."""
-  return _define_integer_once(
-    'refine_flips',
-    0,
-    'AIR and grid models (not DAIR): refine the posterior modes by flipping '
-    'up to this many z_pres, each raising the model objective '
-    "(objectives.greedy_z_pres); 0: the encoder's modes.",
-  )
-
-
-def define_refine_rounds():
-  """The --refine_rounds flag of air-evaluate and air-infer."""
-  return _define_integer_once(
-    'refine_rounds',
-    0,
-    'With --refine_flips: after the flips, this many rounds of '
-    'moving every z_where up the model objective (10 Adam steps, the '
-    'glimpses re-read) and flipping again (objectives.refine_modes).',
-  )
-
-
-def define_refine_splits():
-  """The --refine_splits flag of air-evaluate and air-infer."""
-  return _define_integer_once(
-    'refine_splits',
-    0,
-    'With --refine_rounds: then try each of this many of the largest '
-    'present windows as two (four directions, each candidate refined by '
-    '--refine_rounds rounds) and keep the best by the model objective '
-    '(objectives.split_objects): two close objects read as one.',
-  )
-
-
-def define_refine_split_gain():
-  """The --refine_split_gain flag of air-evaluate and air-infer."""
-  return _define_once(
-    flags.DEFINE_float,
-    'refine_split_gain',
-    objectives.SPLIT_GAIN,
-    'With --refine_splits: how much (nats) a split must raise the model '
-    'objective to be taken.',
-  )
-
-
-def refinement(
-  config,
-  refine_flips: int,
-  refine_rounds: int = 0,
-  refine_splits: int = 0,
-  refine_split_gain: float = objectives.SPLIT_GAIN,
-) -> inference.Refinement | None:
-  """The Refinement --refine_flips, --refine_rounds, --refine_splits and
-  --refine_split_gain ask for (None for no flips); fails (one line) when
-  one is negative, rounds come without flips, splits without rounds, or
-  the checkpoint's model is DAIR."""
-  if refine_flips < 0:
-    fail(f'--refine_flips must be >= 0, got {refine_flips}.')
-  if refine_rounds < 0:
-    fail(f'--refine_rounds must be >= 0, got {refine_rounds}.')
-  if refine_splits < 0:
-    fail(f'--refine_splits must be >= 0, got {refine_splits}.')
-  if not refine_split_gain >= 0:  # NaN too.
-    fail(f'--refine_split_gain must be >= 0, got {refine_split_gain}.')
-  if refine_rounds and not refine_flips:
-    fail('--refine_rounds needs --refine_flips > 0.')
-  if refine_splits and not refine_rounds:
-    fail('--refine_splits needs --refine_rounds > 0.')
-  if not refine_flips:
-    return None
-  if config.model.difference:
-    fail(
-      '--refine_flips needs AIR or the grid model, not DAIR '
-      '(model.difference): a DAIR step reads its glimpse from the image '
-      "minus the earlier steps' canvas, so its objects cannot be moved "
-      'one at a time.'
-    )
-  if refine_rounds and config.likelihood != 'normal':
-    fail(
-      '--refine_rounds needs the Normal likelihood; this checkpoint '
-      f'uses {config.likelihood!r}.'
-    )
-  return inference.Refinement(
-    configuration.loss_config(config),
-    refine_flips,
-    int(config.num_train_steps),
-    refine_rounds,
-    refine_splits,
-    float(refine_split_gain),
-  )
+  """`flags.DEFINE_string`, once per process (`define_once`)."""
+  return define_once(flags.DEFINE_string, name, default, help_text)
 
 
 # --- Paths -----------------------------------------------------------------

@@ -31,6 +31,7 @@ from air_jax import checkpointing
 from air_jax import cli
 from air_jax import evaluation
 from air_jax import objectives
+from air_jax.cli import refine as refine_cli
 from air_jax.datasets.multi_mnist import multi_mnist
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
@@ -54,10 +55,7 @@ _BUILDER_CONFIG = flags.DEFINE_string(
 )
 _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0, 'Per split; 0: all.')
 _BATCH = flags.DEFINE_integer('batch_size', 500, 'Images per batch.')
-_REFINE = cli.define_refine_flips()
-_ROUNDS = cli.define_refine_rounds()
-_SPLITS_OF_WINDOWS = cli.define_refine_splits()
-_SPLIT_GAIN = cli.define_refine_split_gain()
+_REFINE = refine_cli.define_flags()
 
 
 def check_split_names(builder_config: str, splits) -> None:
@@ -116,7 +114,7 @@ def evaluate(
     if not builder_config:  # The checkpoint's.
       check_split_names(config.data.builder_config, splits)
     # Checks the flags (one line).
-    cli.refinement(
+    refine_cli.refinement(
       config, refine_flips, refine_rounds, refine_splits, refine_split_gain
     )
     report = evaluation.evaluate_checkpoint(
@@ -149,10 +147,10 @@ def main(argv):
     builder_config=_BUILDER_CONFIG.value,
     max_examples=_MAX_EXAMPLES.value,
     batch_size=_BATCH.value,
-    refine_flips=_REFINE.value,
-    refine_rounds=_ROUNDS.value,
-    refine_splits=_SPLITS_OF_WINDOWS.value,
-    refine_split_gain=_SPLIT_GAIN.value,
+    refine_flips=_REFINE.flips.value,
+    refine_rounds=_REFINE.rounds.value,
+    refine_splits=_REFINE.splits.value,
+    refine_split_gain=_REFINE.split_gain.value,
   )
   print(evaluation.format_table(report))
 

@@ -31,6 +31,7 @@ from air_jax import cli
 from air_jax import files
 from air_jax import inference
 from air_jax import objectives
+from air_jax.cli import refine as refine_cli
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
 _IMAGES = cli.define_string(
@@ -48,10 +49,7 @@ _MAX_STEPS = flags.DEFINE_integer(
   'retraining (DAIR extrapolates to more objects than it was trained on). '
   'Sequential models only: a grid model proposes one object per cell.',
 )
-_REFINE = cli.define_refine_flips()
-_ROUNDS = cli.define_refine_rounds()
-_SPLITS = cli.define_refine_splits()
-_SPLIT_GAIN = cli.define_refine_split_gain()
+_REFINE = refine_cli.define_flags()
 
 
 def check_paths(checkpoint, images, output, pictures) -> None:
@@ -97,7 +95,7 @@ def infer(
           f"'air'); this checkpoint's model is {config.model.kind!r}."
         )
       model = model.clone(max_steps=max_steps)
-    refine = cli.refinement(
+    refine = refine_cli.refinement(
       config, refine_flips, refine_rounds, refine_splits, refine_split_gain
     )
     records = inference.infer_records(model, params, pixels, refine=refine)
@@ -117,10 +115,7 @@ def main(argv):
     _OUTPUT.value,
     _PICTURES.value,
     _MAX_STEPS.value,
-    _REFINE.value,
-    _ROUNDS.value,
-    _SPLITS.value,
-    _SPLIT_GAIN.value,
+    *(holder.value for holder in _REFINE),
   )
   print(f'{len(records)} images -> {_OUTPUT.value}')
 

@@ -114,6 +114,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.baseline_learning_rate = 1e-3  # Adam, baseline network.
   config.grad_clip_norm = 0.0  # Global-norm clipping; 0 is off.
   config.num_train_steps = 16_000  # Total steps.
+  # Start a new run from the parameters of another run's export or workdir
+  # (its newest checkpoint) instead of config.seed's initialisation; the
+  # optimiser state is fresh. The model fields must match. '' is off.
+  config.init_from = ''
+  # The step a new run starts counting from (with init_from: the step its
+  # parameters were trained to, so that every schedule and the data order
+  # go on from there). A multiple of steps_per_dispatch.
+  config.init_step = 0
   # Training steps per dispatch (a scan over steps on the device); logging,
   # evaluation and checkpoints fall on multiples of it.
   config.steps_per_dispatch = 10

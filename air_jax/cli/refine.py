@@ -1,0 +1,109 @@
+"""The refinement flags that `air-evaluate` and `air-infer` share
+(--refine_flips, --refine_rounds, --refine_splits, --refine_split_gain) and
+the `inference.Refinement` they ask for."""
+
+from typing import NamedTuple
+
+from absl import flags
+
+from air_jax import cli
+from air_jax import configuration
+from air_jax import inference
+from air_jax import objectives
+
+__all__ = ['Flags', 'define_flags', 'refinement']
+
+
+class Flags(NamedTuple):
+  """The holders of the four refinement flags."""
+
+  flips: flags.FlagHolder
+  rounds: flags.FlagHolder
+  splits: flags.FlagHolder
+  split_gain: flags.FlagHolder
+
+
+def define_flags() -> Flags:
+  """Defines the refinement flags (once per process: a second program's
+  module imported in the same process gets the same holders)."""
+  return Flags(
+    flips=cli.define_once(
+      flags.DEFINE_integer,
+      'refine_flips',
+      0,
+      'AIR and grid models (not DAIR): refine the posterior modes by '
+      'flipping up to this many z_pres, each raising the model objective '
+      "(objectives.greedy_z_pres); 0: the encoder's modes.",
+    ),
+    rounds=cli.define_once(
+      flags.DEFINE_integer,
+      'refine_rounds',
+      0,
+      'With --refine_flips: after the flips, this many rounds of '
+      'moving every z_where up the model objective (10 Adam steps, the '
+      'glimpses re-read) and flipping again (objectives.refine_modes).',
+    ),
+    splits=cli.define_once(
+      flags.DEFINE_integer,
+      'refine_splits',
+      0,
+      'With --refine_rounds: then try each of this many of the largest '
+      'present windows as two (four directions, each candidate refined by '
+      '--refine_rounds rounds) and keep the best by the model objective '
+      '(objectives.split_objects): two close objects read as one.',
+    ),
+    split_gain=cli.define_once(
+      flags.DEFINE_float,
+      'refine_split_gain',
+      objectives.SPLIT_GAIN,
+      'With --refine_splits: how much (nats) a split must raise the model '
+      'objective to be taken.',
+    ),
+  )
+
+
+def refinement(
+  config,
+  refine_flips: int,
+  refine_rounds: int = 0,
+  refine_splits: int = 0,
+  refine_split_gain: float = objectives.SPLIT_GAIN,
+) -> inference.Refinement | None:
+  """The Refinement --refine_flips, --refine_rounds, --refine_splits and
+  --refine_split_gain ask for (None for no flips); fails (one line) when
+  one is negative, rounds come without flips, splits without rounds, or
+  the checkpoint's model is DAIR."""
+  if refine_flips < 0:
+    cli.fail(f'--refine_flips must be >= 0, got {refine_flips}.')
+  if refine_rounds < 0:
+    cli.fail(f'--refine_rounds must be >= 0, got {refine_rounds}.')
+  if refine_splits < 0:
+    cli.fail(f'--refine_splits must be >= 0, got {refine_splits}.')
+  if not refine_split_gain >= 0:  # NaN too.
+    cli.fail(f'--refine_split_gain must be >= 0, got {refine_split_gain}.')
+  if refine_rounds and not refine_flips:
+    cli.fail('--refine_rounds needs --refine_flips > 0.')
+  if refine_splits and not refine_rounds:
+    cli.fail('--refine_splits needs --refine_rounds > 0.')
+  if not refine_flips:
+    return None
+  if config.model.difference:
+    cli.fail(
+      '--refine_flips needs AIR or the grid model, not DAIR '
+      '(model.difference): a DAIR step reads its glimpse from the image '
+      "minus the earlier steps' canvas, so its objects cannot be moved "
+      'one at a time.'
+    )
+  if refine_rounds and config.likelihood != 'normal':
+    cli.fail(
+      '--refine_rounds needs the Normal likelihood; this checkpoint '
+      f'uses {config.likelihood!r}.'
+    )
+  return inference.Refinement(
+    configuration.loss_config(config),
+    refine_flips,
+    int(config.num_train_steps),
+    refine_rounds,
+    refine_splits,
+    float(refine_split_gain),
+  )
