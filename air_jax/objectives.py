@@ -1037,25 +1037,42 @@ def baseline_loss(
 
 
 class SignalSums(NamedTuple):
-  """Masked count, sum and sum of squares of the learning signal.
+  """Masked count, sum and sum of squared deviations of the learning signal.
 
-  Sums (not moments) so that data-parallel devices can add theirs up before
-  `moments` turns them into the global batch's mean and variance.
+  Sums (not moments) so that data-parallel devices can add theirs up
+  (`psum`) before `moments` turns them into the global batch's mean and
+  variance. The squares are taken about the shard's own mean and combined
+  by Chan et al.'s rule: sum(x^2) - n mean^2 in float32 cancels
+  catastrophically for a signal of many nats with a small spread, and then
+  depends on how the batch is split.
   """
 
   count: jax.Array  # []
   total: jax.Array  # []
-  total_sq: jax.Array  # []
+  sq_dev: jax.Array  # [] sum of mask * (x - this shard's mean)^2
 
   @classmethod
   def of(cls, x: jax.Array, mask: jax.Array) -> 'SignalSums':
-    return cls(jnp.sum(mask), jnp.sum(mask * x), jnp.sum(mask * x * x))
+    count, total = jnp.sum(mask), jnp.sum(mask * x)
+    mean = total / jnp.maximum(count, 1.0)
+    return cls(count, total, jnp.sum(mask * jnp.square(x - mean)))
+
+  def psum(self, axis_name: str) -> 'SignalSums':
+    """The sums of the shards along `axis_name` (every shard gets them)."""
+    count = jax.lax.psum(self.count, axis_name)
+    total = jax.lax.psum(self.total, axis_name)
+    shift = self.total / jnp.maximum(self.count, 1.0) - total / jnp.maximum(
+      count, 1.0
+    )
+    sq_dev = jax.lax.psum(
+      self.sq_dev + self.count * jnp.square(shift), axis_name
+    )
+    return SignalSums(count, total, sq_dev)
 
   def moments(self) -> tuple[jax.Array, jax.Array]:
     """(mean, variance); (0, 0) when nothing was counted."""
     count = jnp.maximum(self.count, 1.0)
-    mean = self.total / count
-    return mean, jnp.maximum(self.total_sq / count - mean * mean, 0.0)
+    return self.total / count, self.sq_dev / count
 
 
 def air_loss(

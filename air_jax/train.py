@@ -196,7 +196,7 @@ def train_step(
   signal_sums = aux.signal_sums
   if axis_name:
     grads, loss = jax.lax.pmean((grads, loss), axis_name)
-    signal_sums = jax.lax.psum(signal_sums, axis_name)
+    signal_sums = signal_sums.psum(axis_name)
   groups = _group(grads)
 
   def group_norm(group):

@@ -462,21 +462,31 @@ def test_loss_config_rejects_invalid_settings(kwargs):
     objectives.LossConfig(**kwargs)
 
 
-def test_signal_sums_add_up_across_shards_to_the_global_moments():
+@pytest.mark.parametrize('shards', [1, 2, 4])
+def test_signal_sums_add_up_across_shards_to_the_global_moments(shards):
+  # Many nats with a small spread: the naive sum of squares minus the
+  # squared sum loses the variance in float32.
   rng = np.random.default_rng(11)
-  x = rng.normal(500.0, 40.0, (8, 3)).astype(np.float32)
+  x = rng.normal(60_000.0, 30.0, (8, 3)).astype(np.float32)
   mask = (rng.random((8, 3)) < 0.7).astype(np.float32)
-  halves = [
-    objectives.SignalSums.of(
-      jnp.asarray(x[i : i + 4]), jnp.asarray(mask[i : i + 4])
-    )
-    for i in (0, 4)
-  ]
-  whole = jax.tree.map(lambda a, b: a + b, *halves)
-  mean, var = whole.moments()
+  mask[:2] = 0.0  # One shard (of four) counts nothing.
+  sums = jax.vmap(
+    lambda x, m: objectives.SignalSums.of(x, m).psum('shards'),
+    axis_name='shards',
+  )(
+    jnp.asarray(x).reshape(shards, -1, 3),
+    jnp.asarray(mask).reshape(shards, -1, 3),
+  )
   picked = x[mask == 1].astype(np.float64)
-  assert float(mean) == pytest.approx(picked.mean(), rel=1e-6)
-  assert float(var) == pytest.approx(picked.var(), rel=1e-3)
+  for i in range(shards):  # Every shard holds the global sums.
+    mean, var = jax.tree.map(lambda a, i=i: a[i], sums).moments()
+    assert float(mean) == pytest.approx(picked.mean(), rel=1e-6)
+    assert float(var) == pytest.approx(picked.var(), rel=1e-3)
+
+
+def test_signal_sums_of_nothing_are_zero_moments():
+  sums = objectives.SignalSums.of(jnp.ones(4) * 7.0, jnp.zeros(4))
+  assert [float(v) for v in sums.moments()] == [0.0, 0.0]
 
 
 def test_repulsion_by_hand():

@@ -306,10 +306,9 @@ def test_killed_run_resumes_exactly(tmp_path, small_data_dir):
 
 _PMAP_SCRIPT = textwrap.dedent("""
     import os
-    # Optimised code, as in training (tests/conftest.py turns it off; at
-    # level 0 the loss metric differed by 0.3% between 1 and 2 devices
-    # while the parameters agreed: not yet understood).
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+    os.environ['XLA_FLAGS'] = (
+        os.environ.get('XLA_FLAGS', '')
+        + ' --xla_force_host_platform_device_count=2')
     import jax, jax.numpy as jnp, numpy as np
     from air_jax import configuration, device_data, input_pipeline, train
     from air_jax.configs import test as test_config
@@ -334,7 +333,9 @@ _PMAP_SCRIPT = textwrap.dedent("""
     (p2, m2), (p1, m1) = results
     flat2, flat1 = jax.tree.leaves(p2), jax.tree.leaves(p1)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(flat2, flat1))
-    print('MAXDIFF', diff, 'LOSS', float(np.ravel(m2['loss'])[0]), float(np.ravel(m1['loss'])[0]))
+    print('MAXDIFF', diff)
+    for name in sorted(m1):
+      print('METRIC', name, float(np.ravel(m2[name])[0]), float(np.ravel(m1[name])[0]))
 """)
 
 
@@ -348,12 +349,19 @@ def test_pmap_on_two_devices_matches_one_device():
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [x for x in proc.stdout.splitlines() if x.startswith('MAXDIFF')]
-  line = line[0].split()
-  maxdiff, loss2, loss1 = float(line[1]), float(line[3]), float(line[4])
+  lines = [x.split() for x in proc.stdout.splitlines()]
+  maxdiff = [float(x[1]) for x in lines if x[0] == 'MAXDIFF'][0]
+  metrics = {
+    x[1]: (float(x[2]), float(x[3])) for x in lines if x[0] == 'METRIC'
+  }
   # Same per-example randomness; only the order of float sums differs.
   assert maxdiff < 1e-5, maxdiff
-  assert loss2 == pytest.approx(loss1, rel=1e-5)
+  # Adam's first updates hardly depend on the gradients' size, so the
+  # second step's metrics (its loss with the baseline's regression on the
+  # running signal moments, its gradient norms) carry the stronger check.
+  assert {'loss', 'baseline_loss', 'grad_norm'} <= set(metrics)
+  for name, (two, one) in metrics.items():
+    assert two == pytest.approx(one, rel=1e-5, abs=1e-6), name
 
 
 def _run_training(workdir, data_dir, extra_env=None, args=()):
