@@ -392,6 +392,25 @@ def _max_param_diff(a, b):
   )
 
 
+def _assert_same_train_metrics(a, b):
+  """The logged loss, ELBO and gradient norms of two runs agree at every
+  logged step (Adam's first updates hardly depend on the gradients' size,
+  so equal parameters alone would not catch, e.g., a sum for a mean)."""
+
+  def logged(workdir):
+    records = [json.loads(x) for x in (workdir / 'metrics.jsonl').open()]
+    return {r['step']: r for r in records if 'train/loss' in r}
+
+  a, b = logged(a), logged(b)
+  assert a and sorted(a) == sorted(b)
+  for step in a:
+    for name in ('train/loss', 'train/elbo', 'train/grad_norm'):
+      assert a[step][name] == pytest.approx(b[step][name], rel=1e-4), (
+        step,
+        name,
+      )
+
+
 def test_two_processes_match_one_process_with_two_devices(
   tmp_path, small_data_dir
 ):
@@ -426,6 +445,7 @@ def test_two_processes_match_one_process_with_two_devices(
   _finish(procs)
   # Same examples, randomness and mean gradients; float sums may differ.
   assert _max_param_diff(multi / 'export', single / 'export') < 1e-5
+  _assert_same_train_metrics(multi, single)
   # Only process 0 wrote metrics: one record per logged step, as alone.
   lines = (multi / 'metrics.jsonl').read_text().splitlines()
   assert len(lines) == len((single / 'metrics.jsonl').read_text().splitlines())
@@ -448,6 +468,8 @@ def test_sweep_members_equal_their_runs_alone(tmp_path, small_data_dir):
   assert _max_param_diff(sweep / 'export', alone) < 1e-5
   vmapped = tmp_path / 'vmapped' / 'seed_5' / 'export'
   assert _max_param_diff(vmapped, alone) < 1e-5
+  _assert_same_train_metrics(sweep, tmp_path / 'alone')
+  _assert_same_train_metrics(vmapped.parent, tmp_path / 'alone')
   # Each member has its own run directory, as a run alone.
   for seed in (3, 5):
     member = tmp_path / 'sweep' / f'seed_{seed}'
