@@ -639,18 +639,24 @@ class AIR(nn.Module):
     )
 
 
-def init_params(model: AIR, seed: int):
-  """Parameters of `model` from a seed (a jitted init: much faster)."""
-  rng = jax.random.key(seed)
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model, rng: jax.Array):
   images = jnp.zeros((1, *model.image_shape), jnp.float32)
-  variables = jax.jit(model.init)(
-    {
-      'params': jax.random.fold_in(rng, 1),
-      'sample': jax.random.fold_in(rng, 2),
-    },
-    images,
-  )
-  return variables['params']
+  rngs = {
+    'params': jax.random.fold_in(rng, 1),
+    'sample': jax.random.fold_in(rng, 2),
+  }
+  return model.init(rngs, images)['params']
+
+
+def init_params(model: AIR, seed: int):
+  """Parameters of `model` from a seed (jitted, compiled once per model)."""
+  rng = jax.random.key(seed)
+  try:
+    hash(model)
+  except TypeError:  # A list field (e.g. a size read from JSON).
+    return jax.jit(functools.partial(_init.__wrapped__, model))(rng)
+  return _init(model, rng)
 
 
 def present_first(output: AIROutput) -> AIROutput:
