@@ -18,7 +18,9 @@ Three additions make counting emerge (RESULTS.md has the evidence):
     estimator keeps exploring. Counts use the mode (q > 0.5).
 
 Expected (measured on a 2-core CPU, RESULTS.md): test count accuracy about
-0.98 at 7k steps and 0.995 at 11k-16k.
+0.98 at 7k steps and 0.995 at 11k-16k, for 20 of 22 runs measured; seed 0
+on one machine got stuck reading every pair of digits as one (0.66), or,
+with other rounding, reached 0.963 at 16k.
 """
 
 import ml_collections
