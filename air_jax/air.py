@@ -36,6 +36,7 @@ __all__ = [
   'CellCarry',
   'InferenceCell',
   'StepOutput',
+  'hashable',
   'init_params',
   'pair',
   'posterior_modes',
@@ -649,14 +650,20 @@ def _init(model, rng: jax.Array):
   return model.init(rngs, images)['params']
 
 
+def hashable(model: nn.Module) -> nn.Module:
+  """The model with list fields (JSON's tuples, e.g. image_size) made
+  tuples: jit needs a hashable module as a static argument."""
+  lists = {
+    name: tuple(getattr(model, name))
+    for name in model.__dataclass_fields__
+    if isinstance(getattr(model, name, None), list)
+  }
+  return model.clone(**lists) if lists else model
+
+
 def init_params(model: AIR, seed: int):
   """Parameters of `model` from a seed (jitted, compiled once per model)."""
-  rng = jax.random.key(seed)
-  try:
-    hash(model)
-  except TypeError:  # A list field (e.g. a size read from JSON).
-    return jax.jit(functools.partial(_init.__wrapped__, model))(rng)
-  return _init(model, rng)
+  return _init(hashable(model), jax.random.key(seed))
 
 
 def present_first(output: AIROutput) -> AIROutput:

@@ -404,17 +404,6 @@ def load_valid_config(path: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _hashable(model):
-  """The model with list fields (JSON's tuples, e.g. image_size) made
-  tuples: jit needs a hashable module."""
-  lists = {
-    name: tuple(getattr(model, name))
-    for name in model.__dataclass_fields__
-    if isinstance(getattr(model, name, None), list)
-  }
-  return model.clone(**lists) if lists else model
-
-
 def load_model(path: str, step: int | None = None):
   """Loads (config, model, params) from a training workdir or an export.
 
@@ -431,7 +420,7 @@ def load_model(path: str, step: int | None = None):
       fit the config, or parameters that are not finite.
   """
   config = load_valid_config(path)
-  model = _hashable(configuration.create_model(config))
+  model = air.hashable(configuration.create_model(config))
   template = jax.eval_shape(lambda: air.init_params(model, 0))
   params_path = os.path.join(path, PARAMS_FILE)
   checkpoint_dir = os.path.join(path, CHECKPOINT_DIR)
