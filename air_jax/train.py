@@ -121,7 +121,7 @@ _INIT_FREE_FIELDS = ('use_baseline', 'unroll', 'skip_finished')
 
 def start_from(state: TrainState, tx, config: ml_collections.ConfigDict):
   """A fresh `state` with the parameters of `config.init_from` (an export
-  or workdir) at step `config.init_step`, its optimiser state new.
+  or workdir), its optimiser state new.
 
   A baseline network the source lacks (exports drop it) keeps its fresh
   initialisation.
@@ -140,11 +140,7 @@ def start_from(state: TrainState, tx, config: ml_collections.ConfigDict):
       f'{changed} differ).'
     )
   params = {k: params.get(k, fresh) for k, fresh in state.params.items()}
-  return state.replace(
-    step=jnp.asarray(config.init_step, jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-  )
+  return state.replace(params=params, opt_state=tx.init(params))
 
 
 def example_keys(seed: int, step, first_index, count: int) -> jax.Array:
@@ -465,8 +461,7 @@ def open_run(config, workdir, allow_config_change):
   ):  # A new run (before anything is written to its workdir).
     if config.init_from:
       state = start_from(state, tx, config)
-    else:
-      state = state.replace(step=jnp.asarray(config.init_step, jnp.int32))
+    state = state.replace(step=jnp.asarray(config.init_step, jnp.int32))
   manager = checkpointing.checkpoint_manager(
     workdir, config.max_checkpoints_to_keep
   )
