@@ -51,8 +51,8 @@ def test_shipped_grid_checkpoint_counts_crowded_canvases():
 # (`objectives.split_objects`; RESULTS.md has whole test splits).
 #  * `pretrained/many` on 40 `many` test canvases, 16 flips and 3 rounds:
 #    33 right, 31 from the modes alone (38 with 1 split as well; not run
-#    here: splitting each of 64 proposals' candidates costs this test
-#    100 s, and the `air` row below checks the split);
+#    here: each of the split's four candidates is refined again over all
+#    64 proposals, 100 s more, and the `air` row below checks the split);
 #  * `pretrained/air` on 100 `pyro` test canvases (shrunk digits that may
 #    overlap; AIR's steps refined as a set of objects), 3 flips, 3 rounds
 #    and 1 split (taken if it gains 10 nats): 98 right (100 taking every
