@@ -348,8 +348,9 @@ class AIR(nn.Module):
 
   Call it on images [B, H, W] in [0, 1] with an rng stream named 'sample'
   (or per-example `keys`); with `deterministic=True` no rng is needed.
-  The defaults are the published recipe (configs/default.py), so `AIR()`
-  is the model that counts multi-MNIST.
+  The defaults are the recipe's model (configs/default.py) but for the
+  bound on the window scale: `AIR(z_where_scale_range=(1.8, 5.0))` is the
+  model that counts multi-MNIST (`AIR()` does too, from most seeds).
 
   Parameters: the inference network, the decoder and, with `use_baseline`,
   a BaselineNetwork under the key `baseline` (so an optimiser can give it

@@ -75,6 +75,9 @@ _POSITIVE_INTS = (
   'model.grid_features',
 )
 _POSITIVE_FLOATS = ('learning_rate', 'baseline_learning_rate')
+# model.z_where_scale_range as the command line spells "no bound":
+# `--config.model.z_where_scale_range=None` arrives as (None,), "()" as ().
+_NO_BOUND = ((), (None,))
 # Fields whose period must be a multiple of steps_per_dispatch.
 _PERIODS = (
   'log_every_steps',
@@ -133,6 +136,8 @@ def _check_fields(fields: dict[str, Any]) -> None:
     )
   for name, want in reference.items():
     value = fields[name]
+    if name == 'model.z_where_scale_range':
+      value = _scale_range(value)  # Judged by validate.
     if want is None or value is None:
       continue
     if name in _SIZES:
@@ -237,7 +242,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       'normalised_baseline=True needs model.use_baseline=True (set both to '
       'False for no baseline).'
     )
-  scale_range = config.model.z_where_scale_range
+  scale_range = _scale_range(config.model.z_where_scale_range)
   if scale_range is not None:
     if not (
       isinstance(scale_range, (tuple, list))
@@ -279,8 +284,9 @@ _REMOVED = {
 def upgrade(raw: dict[str, Any]) -> ml_collections.ConfigDict:
   """A stored config (config.json of a run or export) in today's format.
 
-  Fields added since it was written get their defaults (each reproduces the
-  behaviour from before it existed); the first format's names are mapped
+  Fields added since it was written get the value that reproduces the
+  behaviour from before they existed (the default, except
+  `model.z_where_scale_range`: None); the first format's names are mapped
   (`z_pres_prior.schedule` -> `kind`, the likelihood std and its annealing ->
   one schedule, `nvil_decay` -> `moments_decay`); removed options are
   dropped if they held the value the code still implements, else
@@ -313,6 +319,9 @@ def upgrade(raw: dict[str, Any]) -> ml_collections.ConfigDict:
           f'the stored config sets {name}={value!r}, an option this '
           f'version no longer has (only {kept!r}).'
         )
+  if 'model' in raw:
+    # Stored before the field existed: no bound (today's default has one).
+    raw['model'].setdefault('z_where_scale_range', None)
   if not raw.get('model', {}).get('use_baseline', True):
     # Exports drop the baseline network; older ones kept this flag on.
     raw['normalised_baseline'] = False
@@ -349,6 +358,8 @@ def create_model(config: ml_collections.ConfigDict) -> air.AIR | grid.GridAIR:
       continue
     if isinstance(fields[key], (tuple, list)):
       fields[key] = tuple(int(v) for v in fields[key])
+  if 'z_where_scale_range' in fields:
+    fields['z_where_scale_range'] = _scale_range(fields['z_where_scale_range'])
   for key in (
     'z_where_prior_loc',
     'z_where_prior_scale',
@@ -357,6 +368,14 @@ def create_model(config: ml_collections.ConfigDict) -> air.AIR | grid.GridAIR:
     if fields.get(key) is not None:
       fields[key] = tuple(float(v) for v in fields[key])
   return grid.GridAIR(**fields) if kind == 'grid' else air.AIR(**fields)
+
+
+def _scale_range(value):
+  """z_where_scale_range with the command line's spellings of None read as
+  None (anything else unchanged, for `validate` to judge)."""
+  if isinstance(value, (tuple, list)) and tuple(value) in _NO_BOUND:
+    return None
+  return value
 
 
 def schedule(config: ml_collections.ConfigDict) -> distributions.Schedule:

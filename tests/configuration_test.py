@@ -2,8 +2,10 @@
 
 import math
 
+from absl import flags
 import jax
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
@@ -201,6 +203,30 @@ def test_a_good_z_where_scale_range_validates_and_reaches_the_model():
   assert configuration.create_model(config).z_where_scale_range == (1.0, 4.0)
 
 
+@pytest.mark.parametrize('spelling', ['None', '()'])
+def test_no_scale_bound_as_the_command_line_spells_it(spelling):
+  # config_flags hands `--config.model.z_where_scale_range=None` over as
+  # (None,) and "()" as (); both mean no bound.
+  argv = ['train', f'--config.model.z_where_scale_range={spelling}']
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_dict(
+    'config', default.get_config(), flag_values=flag_values, sys_argv=argv
+  )
+  flag_values(argv)
+  configuration.validate(holder.value)
+  assert configuration.create_model(holder.value).z_where_scale_range is None
+
+
+def test_a_stored_config_without_the_scale_bound_loads_without_it():
+  stored = default.get_config().to_dict()
+  del stored['model']['z_where_scale_range']
+  upgraded = configuration.upgrade(stored)
+  assert upgraded.model.z_where_scale_range is None
+  assert default.get_config().model.z_where_scale_range == (1.8, 5.0)
+  kept = configuration.upgrade(default.get_config().to_dict())
+  assert tuple(kept.model.z_where_scale_range) == (1.8, 5.0)
+
+
 @pytest.mark.parametrize('value', [0.0, 1.0, -0.1, math.nan, 1e-4, 0.999])
 def test_grid_z_pres_init_prob_in_range_and_inside_the_logit_bound(value):
   # The grid config bounds the logit to +-6: q in (0.0025, 0.9975).
@@ -222,7 +248,9 @@ def test_grid_z_pres_init_prob_sets_the_first_q_of_every_cell():
 
 def test_create_model_of_the_default_is_the_default_model():
   model = configuration.create_model(default.get_config())
-  assert model == air.AIR()
+  # The recipe bounds the window scale; the module's own default does not.
+  assert model == air.AIR(z_where_scale_range=(1.8, 5.0))
+  assert air.AIR().z_where_scale_range is None
   assert configuration.create_model(dair.get_config()) == air.AIR(
     difference=True
   )
@@ -281,7 +309,8 @@ def test_differences():
   base = default.get_config()
   assert configuration.differences(base, default.get_config()) == []
   assert configuration.differences(base, dair.get_config()) == [
-    'model.difference'
+    'model.difference',
+    'model.z_where_scale_range',
   ]
   other = default.get_config()
   other.num_train_steps = 10  # Ignored: a resumed run may train longer.

@@ -55,8 +55,8 @@ def test_shipped_grid_checkpoint_counts_crowded_canvases():
 #    64 proposals, 100 s more, and the `air` row below checks the split);
 #  * `pretrained/air` on 100 `pyro` test canvases (shrunk digits that may
 #    overlap; AIR's steps refined as a set of objects), 3 flips, 3 rounds
-#    and 1 split (taken if it gains 10 nats): 98 right (100 taking every
-#    split that gains, 92 without splits), 88 from the modes.
+#    and 1 split (taken if it gains 10 nats): 98 right (90 without
+#    splits), 85 from the modes.
 REFINED = [
   ('many', 'many_images.npz', 16, 3, 0, 32),
   ('air', 'pyro_images.npz', 3, 3, 1, 97),
