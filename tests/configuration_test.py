@@ -332,6 +332,24 @@ def test_differences():
   assert configuration.differences(base, _config(moments_decay=None)) == [
     'moments_decay'
   ]
+  # Every spelling of "no bound" is the same config, as the whole config
+  # and as its model block (init_from compares those).
+  unbounded = dair.get_config()
+  for spelling in ((None,), (), [None], []):
+    spelled = ml_collections.ConfigDict(unbounded.to_dict())
+    spelled.model.z_where_scale_range = spelling
+    assert configuration.differences(unbounded, spelled) == []
+    assert configuration.differences(unbounded.model, spelled.model) == []
+  assert configuration.differences(base.model, unbounded.model) == [
+    'difference',
+    'z_where_scale_range',
+  ]
+  # A square size stored as one int equals its pair, from either root.
+  tree = unbounded.to_dict()
+  tree['model']['window_size'] = 28
+  square = ml_collections.ConfigDict(tree)
+  assert configuration.differences(unbounded, square) == []
+  assert configuration.differences(unbounded.model, square.model) == []
 
 
 def test_flatten_and_closest_key():
