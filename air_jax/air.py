@@ -34,10 +34,13 @@ __all__ = [
   'BOX_THRESHOLD',
   'BaselineNetwork',
   'CellCarry',
+  'INK_THRESHOLD',
   'InferenceCell',
+  'RENDER_THRESHOLD',
   'StepOutput',
   'hashable',
   'init_params',
+  'ink_boxes',
   'pair',
   'posterior_modes',
   'present_first',
@@ -706,6 +709,56 @@ def tight_boxes(
     output.windows, output.z_where, image_size, threshold
   )
   return jnp.stack(box, axis=-1)
+
+
+# An object explains the input pixels brighter than INK_THRESHOLD where its
+# drawing is the brightest of the present objects' and brighter than
+# RENDER_THRESHOLD (chosen on training images, RESULTS.md).
+RENDER_THRESHOLD = 0.02
+INK_THRESHOLD = 0.0
+
+
+@jax.jit
+def ink_boxes(
+  output: AIROutput,
+  images: jax.Array,
+  render_threshold: float = RENDER_THRESHOLD,
+  ink_threshold: float = INK_THRESHOLD,
+) -> jax.Array:
+  """[B, N, 4] boxes (top, left, height, width) of the input's ink that each
+  object explains: the image is segmented by the model's own drawing, each
+  pixel brighter than `ink_threshold` going to the present object that
+  draws it brightest (if brighter than `render_threshold`), and an object's
+  box is the pixel extent of its segment (pixel i spans [i, i + 1]). An
+  object with an empty segment (nothing drawn over ink, or absent) gets
+  its `tight_boxes` box.
+
+  Unlike the drawn pixels alone, the segment ends where the digit's ink
+  ends, not where the drawing fades, and a window placed a little off its
+  digit still gets the digit's ink. Images whose background is not 0 need
+  an `ink_threshold` above the background.
+
+  Args:
+    output: AIROutput of [B, N] objects (z_pres > 0.5 are present).
+    images: [B, H, W] the images it was inferred from, in [0, 1].
+    render_threshold: the drawing's intensity above which a pixel can be
+      explained.
+    ink_threshold: the input's intensity above which a pixel is ink.
+  """
+  image_size = images.shape[-2:]
+  drawn = spatial_transformer.window_to_image(
+    output.windows, output.z_where, image_size
+  )  # [B, N, H, W]
+  drawn = jnp.where((output.z_pres > 0.5)[..., None, None], drawn, 0.0)
+  owner = jnp.argmax(drawn, axis=1)  # [B, H, W]
+  explained = (jnp.max(drawn, axis=1) > render_threshold) & (
+    images > ink_threshold
+  )
+  steps = jnp.arange(drawn.shape[1])[None, :, None, None]
+  segments = (owner[:, None] == steps) & explained[:, None]
+  box = jnp.stack(spatial_transformer.mask_box(segments), axis=-1)
+  found = jnp.any(segments, axis=(-2, -1))
+  return jnp.where(found[..., None], box, tight_boxes(output, image_size))
 
 
 @functools.partial(jax.jit, static_argnames=('model',))

@@ -152,7 +152,7 @@ def eval_batch(
     'count': mode.count,
     'count_sampled': sample.count,
     'elbo': terms.elbo,
-    'boxes': air.tight_boxes(mode, model.image_shape),
+    'boxes': air.ink_boxes(mode, images),
     'z_pres_prob': mode.z_pres_prob,
     'z_pres': mode.z_pres,
   }

@@ -451,22 +451,21 @@ def infer_records(
 
   Returns:
     One record per image: {"index", "count", "objects": [{"step",
-    "z_pres_prob", "box", "window"}]}: `box` is the tight box of the
-    object's rendered pixels (brighter than air.BOX_THRESHOLD),
-    `window` its square attention window, both [top, left, height, width]
-    in pixel coordinates of the input (pixel i spans [i, i + 1]). `box` is
-    cut to the image (only pixels inside it are rendered); `window` is not.
+    "z_pres_prob", "box", "window"}]}: `box` is the box of the input's
+    ink the object explains (`air.ink_boxes`), `window` its square
+    attention window, both [top, left, height, width] in pixel coordinates
+    of the input (pixel i spans [i, i + 1]). `box` is cut to the image;
+    `window` is not.
   """
   records = []
   for lo in range(0, len(images), batch_size):
-    out = _modes(
-      model, params, jnp.asarray(images[lo : lo + batch_size]), refine
-    )
+    batch = jnp.asarray(images[lo : lo + batch_size])
+    out = _modes(model, params, batch, refine)
     size = tuple(images.shape[1:])
     windows = np.stack(
       spatial_transformer.z_where_to_box(out.z_where, size), -1
     )
-    boxes = _clip_boxes(np.asarray(air.tight_boxes(out, size)), size)
+    boxes = _clip_boxes(np.asarray(air.ink_boxes(out, batch)), size)
     out = jax.device_get(out)
     for i in range(len(out.z_pres)):
       objects = [

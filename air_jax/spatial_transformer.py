@@ -46,6 +46,7 @@ __all__ = [
   'image_to_window',
   'image_to_windows',
   'interpolation_matrix',
+  'mask_box',
   'object_image_products',
   'object_boxes',
   'window_to_image',
@@ -447,6 +448,32 @@ def _object_extent(
 
   a, b = to_image(first), to_image(end)  # b < a when s < 0 (a flip).
   return jnp.minimum(a, b), jnp.abs(b - a), jnp.any(hit, axis=-1)
+
+
+def mask_box(mask: jax.Array) -> Box:
+  """The pixel box of the true pixels of each mask.
+
+  Args:
+    mask: [..., H, W] bool.
+
+  Returns:
+    A Box of [...] arrays: the first row and column holding a true pixel and
+    the number of rows and columns from there to the last (pixel i spans
+    [i, i + 1], as in `object_boxes`). An empty mask gets top = left =
+    height = width = 0.
+  """
+
+  def extent(hit):  # [..., n] -> (start, length), float32
+    n = hit.shape[-1]
+    first = jnp.argmax(hit, axis=-1)
+    end = n - jnp.argmax(hit[..., ::-1], axis=-1)
+    found = jnp.any(hit, axis=-1)
+    start = jnp.where(found, first, 0).astype(jnp.float32)
+    return start, jnp.where(found, end - first, 0).astype(jnp.float32)
+
+  top, height = extent(jnp.any(mask, axis=-1))
+  left, width = extent(jnp.any(mask, axis=-2))
+  return Box(top, left, height, width)
 
 
 def box_to_z_where(box: Box, image_size: int | tuple[int, int]) -> jax.Array:

@@ -400,3 +400,62 @@ def test_z_where_scale_range_bounds_the_scale_mean(difference):
   # ... where without the range the mean is the prior plus the output.
   np.testing.assert_allclose(scale_loc(free, 100.0), 102.0, rtol=1e-6)
   np.testing.assert_allclose(scale_loc(free, 0.0), 2.0, rtol=1e-6)
+
+
+def _drawn_output(drawings, z_pres) -> air.AIROutput:
+  """An AIROutput whose [1, N, H, W] windows are drawn over the whole image
+  (identity z_where), so each window is its drawing in image pixels."""
+  drawings = jnp.asarray(drawings, jnp.float32)
+  b, n = drawings.shape[:2]
+  zeros = jnp.zeros((b, n))
+  return air.AIROutput(
+    z_pres=jnp.asarray(z_pres, jnp.float32),
+    z_pres_prob=zeros,
+    mask=zeros,
+    z_where=jnp.tile(jnp.array([1.0, 0.0, 0.0]), (b, n, 1)),
+    z_where_loc=jnp.zeros((b, n, 3)),
+    z_where_scale=jnp.ones((b, n, 3)),
+    z_what=zeros[..., None],
+    z_what_loc=zeros[..., None],
+    z_what_scale=zeros[..., None],
+    windows=drawings,
+    canvas=jnp.zeros((b,) + drawings.shape[2:]),
+    baseline=zeros,
+  )
+
+
+def test_ink_boxes_by_hand():
+  # A 20 x 30 image and four objects drawn in image pixels.
+  drawings = np.zeros((1, 4, 20, 30), np.float32)
+  drawings[0, 0, 2:10, 3:13] = 0.9
+  drawings[0, 1, 5:15, 10:26] = 0.5
+  drawings[0, 2] = 1.0  # Absent: explains nothing, however bright.
+  drawings[0, 3, 16:19, 0:3] = 0.8  # Present, over no ink.
+  image = np.zeros((1, 20, 30), np.float32)
+  image[0, 4:9, 4:12] = 1.0  # Inside object 0's drawing only.
+  image[0, 6:13, 11:21] = 0.3  # Where 0 and 1 both draw, 0 is brighter.
+  image[0, 18, 28] = 1.0  # Drawn by no present object.
+  out = _drawn_output(drawings, [[1, 1, 0, 1]])
+  tight = np.asarray(air.tight_boxes(out, (20, 30)))[0]
+
+  boxes = np.asarray(air.ink_boxes(out, jnp.asarray(image)))[0]
+  # 0: rows 4..9 (its own blob, and rows 6..9 of the faint one at columns
+  # 11..12), columns 4..12. 1: the faint blob outside 0's drawing: rows
+  # 6..12 (rows 10..12 at columns 11..12), columns 11..20.
+  np.testing.assert_array_equal(boxes[0], [4, 4, 6, 9])
+  np.testing.assert_array_equal(boxes[1], [6, 11, 7, 10])
+  # No ink explained: the tight box of the drawing.
+  np.testing.assert_array_equal(boxes[2], tight[2])
+  np.testing.assert_allclose(boxes[3], [16, 0, 3, 3], atol=1e-5)
+  np.testing.assert_allclose(tight[3], [16, 0, 3, 3], atol=1e-5)
+
+  # The faint blob is not ink above 0.5; object 1 keeps its drawing's box.
+  boxes = np.asarray(air.ink_boxes(out, jnp.asarray(image), ink_threshold=0.5))
+  np.testing.assert_array_equal(boxes[0, 0], [4, 4, 5, 8])
+  np.testing.assert_allclose(boxes[0, 1], [5, 10, 10, 16], atol=1e-5)
+  # Object 1's drawing (0.5) is not above a render threshold of 0.6.
+  boxes = np.asarray(
+    air.ink_boxes(out, jnp.asarray(image), render_threshold=0.6)
+  )
+  np.testing.assert_array_equal(boxes[0, 0], [4, 4, 6, 9])
+  np.testing.assert_allclose(boxes[0, 1], [5, 10, 10, 16], atol=1e-5)

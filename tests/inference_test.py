@@ -64,8 +64,8 @@ def test_records_schema_and_boxes(export_dir, images):
       # The documented convention: half-width 1/s around (x, y) in [-1, 1].
       expected = [(y - 1 / s + 1) * 25, (x - 1 / s + 1) * 25, 50 / s, 50 / s]
       np.testing.assert_allclose(obj['window'], expected, rtol=1e-4, atol=1e-3)
-      # The tight box of the rendered pixels: inside the image and inside
-      # the window, up to the bilinear smear of one pixel.
+      # The box of the ink it explains (or of its drawing): inside the image
+      # and inside the window, up to the bilinear smear of one pixel.
       top, left, height, width = obj['box']
       assert height >= 0 and width >= 0
       if height > 0:

@@ -562,3 +562,13 @@ def test_object_image_products_equal_those_of_the_drawn_objects():
     np.testing.assert_allclose(
       sq_norm[b, n], np.sum(drawn * drawn), rtol=1e-4, atol=1e-4
     )
+
+
+def test_mask_box_by_hand():
+  mask = np.zeros((3, 5, 7), bool)
+  mask[0, 1:4, 2:6] = True  # Rows 1..3, columns 2..5.
+  mask[1, 4, 6] = True  # The last pixel.
+  box = st.mask_box(jnp.asarray(mask))  # mask[2] is empty.
+  np.testing.assert_array_equal(
+    np.stack(box, -1), [[1, 2, 3, 4], [4, 6, 1, 1], [0, 0, 0, 0]]
+  )
