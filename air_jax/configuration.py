@@ -433,10 +433,10 @@ def differences(
 
 def _normalise(value, name: str = ''):
   # Names are dotted from the config's root or from `config.model`.
-  if f'model.{name}' in _SIZES or name in _SIZES:
-    if isinstance(value, int):
-      return (value, value)  # A square size, as stored by older versions.
-  if name in ('z_where_scale_range', 'model.z_where_scale_range'):
+  field = 'model.' + name.removeprefix('model.')
+  if field in _SIZES and isinstance(value, int):
+    return (value, value)  # A square size, as stored by older versions.
+  if field == 'model.z_where_scale_range':
     value = _scale_range(value)  # None, (None,) and () all mean no bound.
   if isinstance(value, (list, tuple)):
     return tuple(_normalise(v) for v in value)

@@ -438,8 +438,7 @@ def _object_extent(
     start and length are meaningless where nothing is found.
   """
   n = hit.shape[-1]
-  first = jnp.argmax(hit, axis=-1)
-  end = n - jnp.argmax(hit[..., ::-1], axis=-1)  # One past the last hit.
+  first, end, found = _hit_span(hit)
 
   def to_image(c):
     # size / 2 * (1 + offset + (2 c / n - 1) / s), written so that the
@@ -447,7 +446,16 @@ def _object_extent(
     return size / 2.0 * (1.0 + offset) + size * (c - n / 2.0) / (n * scale)
 
   a, b = to_image(first), to_image(end)  # b < a when s < 0 (a flip).
-  return jnp.minimum(a, b), jnp.abs(b - a), jnp.any(hit, axis=-1)
+  return jnp.minimum(a, b), jnp.abs(b - a), found
+
+
+def _hit_span(hit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(first, end, found) of the true entries of `hit` [..., n] along its
+  last axis: the index of the first, one past the last, and whether there
+  is any (first and end are meaningless where there is none)."""
+  first = jnp.argmax(hit, axis=-1)
+  end = hit.shape[-1] - jnp.argmax(hit[..., ::-1], axis=-1)
+  return first, end, jnp.any(hit, axis=-1)
 
 
 def mask_box(mask: jax.Array) -> Box:
@@ -464,10 +472,7 @@ def mask_box(mask: jax.Array) -> Box:
   """
 
   def extent(hit):  # [..., n] -> (start, length), float32
-    n = hit.shape[-1]
-    first = jnp.argmax(hit, axis=-1)
-    end = n - jnp.argmax(hit[..., ::-1], axis=-1)
-    found = jnp.any(hit, axis=-1)
+    first, end, found = _hit_span(hit)
     start = jnp.where(found, first, 0).astype(jnp.float32)
     return start, jnp.where(found, end - first, 0).astype(jnp.float32)
 

@@ -9,7 +9,8 @@ For the first `num` canvases: the modes refined by 3 flips and 3 rounds
 image's best split of its largest window (`objectives.split_objects`
 taking any candidate) and the gain of that split in the model's objective
 g (`objectives.set_objective`). A threshold t keeps the split where the
-gain exceeds t, as `--refine_split_gain=t` does. Prints the accuracy for each threshold.
+gain exceeds t, as `--refine_split_gain=t` does. Prints the accuracy for
+each threshold.
 """
 
 import argparse
