@@ -217,6 +217,22 @@ def test_no_scale_bound_as_the_command_line_spells_it(spelling):
   assert configuration.create_model(holder.value).z_where_scale_range is None
 
 
+def test_the_command_line_bounds_the_scale_of_an_unbounded_config():
+  # config_flags cannot override a field whose default is None.
+  argv = ['train', '--config.model.z_where_scale_range=(1.8,5.0)']
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_dict(
+    'config', dair.get_config(), flag_values=flag_values, sys_argv=argv
+  )
+  flag_values(argv)
+  configuration.validate(holder.value)
+  model = configuration.create_model(holder.value)
+  assert model.z_where_scale_range == (1.8, 5.0)
+  assert (
+    configuration.create_model(dair.get_config()).z_where_scale_range is None
+  )
+
+
 def test_a_stored_config_without_the_scale_bound_loads_without_it():
   stored = default.get_config().to_dict()
   del stored['model']['z_where_scale_range']
