@@ -22,7 +22,7 @@ evidence):
     window cannot draw two of this data's digits, whose 28 px frames never
     overlap. Without it, 2 of 32 runs measured got stuck reading every
     pair of digits as one (0.66); `--config.model.z_where_scale_range=None`
-    turns it off (pretrained/dair was trained without it).
+    turns it off.
 
 Expected (measured on a 2-core CPU, RESULTS.md): test count accuracy about
 0.98 at 6k-7k steps and 0.99 at 7k-10k; seed 0 (pretrained/air) 0.9955 at
