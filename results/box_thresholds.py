@@ -10,33 +10,22 @@ Prints one row per (render threshold, ink threshold): AP50, AP50:95 and the
 mean IoU of the pairs matched at IoU 0.5 (`metrics.detection_metrics`).
 """
 
-import argparse
-
 import jax.numpy as jnp
 import numpy as np
 
 from air_jax import air
 from air_jax import checkpointing
-from air_jax import input_pipeline
 from air_jax import metrics
+from results import canvases
 
 RENDER = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 INK = (0.0, 0.05, 0.1, 0.2)
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--checkpoint', required=True)
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--builder_config', default='full')
-  parser.add_argument('--split', default='train')
-  parser.add_argument('--num', type=int, default=2000)
-  args = parser.parse_args()
+  args = canvases.parser(__doc__).parse_args()
   _, model, params = checkpointing.load_model(args.checkpoint)
-  data = input_pipeline.load_split(
-    args.split, args.data_dir, args.builder_config, shard=False
-  )
-  images = data.images[: args.num].astype(np.float32) / 255.0
+  data, images = canvases.first_canvases(args)
   boxes, scores, valid, counts = {}, [], [], []
   for lo in range(0, len(images), 250):
     batch = jnp.asarray(images[lo : lo + 250])

@@ -13,7 +13,6 @@ gain exceeds t, as `--refine_split_gain=t` does. Prints the accuracy for
 each threshold.
 """
 
-import argparse
 import functools
 
 import jax
@@ -22,19 +21,14 @@ import numpy as np
 
 from air_jax import checkpointing
 from air_jax import configuration
-from air_jax import input_pipeline
 from air_jax import objectives
+from results import canvases
 
 THRESHOLDS = (0, 5, 10, 20, 30, 50, 100)
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--checkpoint', required=True)
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--builder_config', default='full')
-  parser.add_argument('--split', default='train')
-  parser.add_argument('--num', type=int, default=2000)
+  parser = canvases.parser(__doc__)
   parser.add_argument('--batch_size', type=int, default=250)
   args = parser.parse_args()
   config, model, params = checkpointing.load_model(args.checkpoint)
@@ -60,10 +54,7 @@ def main():
     ) - objectives.set_objective(refined, images, set_config, step)
     return refined.count, split.count, gain
 
-  data = input_pipeline.load_split(
-    args.split, args.data_dir, args.builder_config, shard=False
-  )
-  images = data.images[: args.num].astype(np.float32) / 255.0
+  data, images = canvases.first_canvases(args)
   parts = [
     jax.device_get(
       counts_and_gain(jnp.asarray(images[i : i + args.batch_size]))
