@@ -456,25 +456,64 @@ class AIR(nn.Module):
     return canvas, windows
 
   def objects_at(
-    self, images: jax.Array, z_where: jax.Array
+    self,
+    images: jax.Array,
+    z_where: jax.Array,
+    z_pres: jax.Array | None = None,
   ) -> tuple[distributions.NormalParams, jax.Array]:
     """(q(z_what) [B, N, D] of the glimpses at z_where [B, N, 3], the windows
     [B, N, h, w] its means draw): what each step would infer and draw were
-    its z_where there (`objectives.refine_modes`). AIR only: a DAIR glimpse
-    is read from the image minus the canvas of the steps before it, so a
-    step's object depends on the others'."""
-    if self.difference:
-      raise ValueError(
-        'objects_at needs AIR (difference=False): a DAIR step reads its '
-        "glimpse from the image minus the earlier steps' canvas."
-      )
+    its z_where there (`objectives.refine_modes`).
+
+    AIR reads every glimpse from the image. DAIR reads each step's glimpse
+    from the image minus what the steps before it drew, so its objects
+    depend on each other and on z_pres [B, N] (needed for DAIR, unused by
+    AIR): a present step (z_pres > 0.5) reads the image minus the drawings
+    of the present steps before it, in step order, as the recurrence does;
+    an absent step reads the image minus every present drawing (what it
+    would explain if turned on last). At a DAIR's posterior modes (every
+    step computed) this is what its steps inferred and drew.
+    """
     b, n = z_where.shape[:2]
+    window = pair(self.window_size)
+    if not self.difference:
+      glimpses = spatial_transformer.image_to_windows(images, z_where, window)
+      what_q = self.cell.encoder(glimpses.reshape(b * n, *window))
+      what_q = jax.tree.map(lambda x: x.reshape(b, n, -1), what_q)
+      return what_q, self.decoder(what_q.loc)
+    if z_pres is None:
+      raise ValueError(
+        "DAIR's objects_at needs z_pres: a DAIR step reads its glimpse "
+        "from the image minus the present earlier steps' drawings."
+      )
+    present = jax.lax.stop_gradient(z_pres) > 0.5
+    canvas = jnp.zeros_like(images)
+    read = []  # Each step's (q(z_what), window) in step order.
+    for t in range(n):
+      glimpse = spatial_transformer.image_to_window(
+        images - canvas, z_where[:, t], window
+      )
+      what_q = self.cell.encoder(glimpse)
+      drawn = self.decoder(what_q.loc)
+      obj = spatial_transformer.window_to_image(
+        drawn, z_where[:, t], self.image_shape
+      )
+      canvas = canvas + present[:, t, None, None] * obj
+      read.append((what_q, drawn))
+    in_order = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *read)
+    # Absent steps: what each would explain of the image left over.
     glimpses = spatial_transformer.image_to_windows(
-      images, z_where, pair(self.window_size)
+      images - canvas, z_where, window
     )
-    what_q = self.cell.encoder(glimpses.reshape(b * n, *glimpses.shape[2:]))
-    what_q = jax.tree.map(lambda x: x.reshape(b, n, -1), what_q)
-    return what_q, self.decoder(what_q.loc)
+    last_q = self.cell.encoder(glimpses.reshape(b * n, *window))
+    last_q = jax.tree.map(lambda x: x.reshape(b, n, -1), last_q)
+    last = (last_q, self.decoder(last_q.loc))
+
+    def pick(ordered, leftover):
+      mask = present.reshape(b, n, *([1] * (ordered.ndim - 2)))
+      return jnp.where(mask, ordered, leftover)
+
+    return jax.tree.map(pick, in_order, last)
 
   def z_where_bounds(self) -> tuple[jax.Array, jax.Array]:
     """([N, 3], [N, 3]) bounds of z_where's means when refined: the scale s

@@ -111,8 +111,8 @@ def eval_batch(
     loss_config: the objective's settings.
     iwae_samples: K of the IWAE bound (0: skip).
     refine_flips: if > 0, the posterior modes' z_pres are refined by
-      `objectives.greedy_z_pres` with at most this many flips (AIR and grid
-      models, not DAIR: `inference.refine_modes`).
+      `objectives.greedy_z_pres` with at most this many flips
+      (`inference.refine_modes`).
     refine_rounds: then this many rounds of z_where ascent and flips
       (`objectives.refine_modes`; needs refine_flips > 0).
     refine_splits: then each of this many of the largest present windows

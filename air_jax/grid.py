@@ -211,11 +211,16 @@ class GridAIR(nn.Module):
     return jax.tree.map(lambda x: x.reshape(b, n, -1), what_q)
 
   def objects_at(
-    self, images: jax.Array, z_where: jax.Array
+    self,
+    images: jax.Array,
+    z_where: jax.Array,
+    z_pres: jax.Array | None = None,
   ) -> tuple[distributions.NormalParams, jax.Array]:
     """(q(z_what) [B, N, D] of the glimpses at z_where [B, N, 3], the windows
     [B, N, h, w] its means draw): the proposals' objects, were their
-    z_where moved there (`objectives.refine_modes`)."""
+    z_where moved there (`objectives.refine_modes`). z_pres is unused: each
+    proposal reads the image alone."""
+    del z_pres
     what_q = self.glimpse_posterior(images, z_where)
     return what_q, self.decoder(what_q.loc)
 

@@ -365,8 +365,8 @@ def load(checkpoint: str):
 
 
 class Refinement(NamedTuple):
-  """Posterior modes refined by the model's own objective (AIR and grid
-  models): `objectives.greedy_z_pres`, then `rounds` rounds of z_where
+  """Posterior modes refined by the model's own objective (AIR, DAIR and
+  grid models): `objectives.greedy_z_pres`, then `rounds` rounds of z_where
   ascent and flips (`objectives.refine_modes`), then, if `splits` > 0, each
   of the `splits` largest present windows tried as two, each candidate
   refined by `rounds` rounds, taken where it raises the objective by more
@@ -384,9 +384,12 @@ def refine_modes(
   model, params, images: jax.Array, out: air.AIROutput, refine: Refinement
 ) -> air.AIROutput:
   """`out`, the posterior modes of a grid model or of a sequential AIR
-  (not DAIR: `air.AIR.objects_at`) on `images`, refined. A sequential
-  AIR's steps are refined as a set of proposals (`objects_as_set`) and
-  handed back with the present objects first (`air.present_first`)."""
+  or DAIR on `images`, refined. A sequential model's steps are refined as
+  a set of proposals (`objects_as_set`: AIR and DAIR share the generative
+  model, whose objective does not depend on the order of the objects) and
+  handed back with the present objects first (`air.present_first`). DAIR's
+  objects are re-read in that order, each from the image minus the present
+  objects before it (`air.AIR.objects_at`)."""
   sequential = isinstance(model, air.AIR)
   config = refine.loss_config
   if sequential:

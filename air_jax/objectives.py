@@ -598,11 +598,13 @@ def set_objective(
 
 
 class ObjectsAt(Protocol):
-  """z_where [B, N, 3] -> (q(z_what) [B, N, D], windows [B, N, h, w]) of the
-  images being refined (e.g. `grid.GridAIR.objects_at` with its params)."""
+  """(z_where [B, N, 3], z_pres [B, N]) -> (q(z_what) [B, N, D], windows
+  [B, N, h, w]) of the images being refined (e.g. `grid.GridAIR.objects_at`
+  with its params; z_pres matters only to models whose objects depend on
+  each other, DAIR: `air.AIR.objects_at`)."""
 
   def __call__(
-    self, z_where: jax.Array
+    self, z_where: jax.Array, z_pres: jax.Array
   ) -> tuple[distributions.NormalParams, jax.Array]: ...
 
 
@@ -618,12 +620,16 @@ def refine_modes(
   where_steps: int = 10,
   where_lr: float = 0.05,
 ) -> air.AIROutput:
-  """Posterior modes of a model with independent proposals moved up the
+  """Posterior modes of a model with independent proposals (or a
+  sequential model's steps taken as a set, `objects_as_set`) moved up the
   model's own objective: `greedy_z_pres`, then `rounds` times (i)
   `where_steps` steps of Adam ascent (step `where_lr`, normalised
   coordinates) on every proposal's z_where, up `refinement_objective`, each
   glimpse re-read and redrawn by the model at its new z_where and the means
-  kept within `bounds`, (ii) `greedy_z_pres` again.
+  kept within `bounds` (`objects_at`, given z_pres: a DAIR re-reads its
+  objects one after the other, and its gradient runs through that chain),
+  (ii) `greedy_z_pres` again (its flips keep every object's drawing; the
+  next round re-reads them).
 
   The encoder proposes each object alone; the flips of `greedy_z_pres` can
   only choose among its proposals. Moving them lets a window that sits
@@ -667,7 +673,7 @@ def _redraw(
   output: air.AIROutput, z_where: jax.Array, objects_at: ObjectsAt
 ) -> air.AIROutput:
   """`output` with its objects re-read and redrawn at z_where [B, N, 3]."""
-  what_q, windows = objects_at(z_where)
+  what_q, windows = objects_at(z_where, output.z_pres)
   canvas = spatial_transformer.windows_to_canvas(
     windows, z_where, output.z_pres, output.canvas.shape[1:]
   )

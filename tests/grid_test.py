@@ -552,8 +552,10 @@ def test_refine_modes_moves_z_where_up_the_objective_within_bounds():
     )
   )
 
-  def objects_at(z_where):
-    return model.apply({'params': params}, images, z_where, method='objects_at')
+  def objects_at(z_where, z_pres=None):
+    return model.apply(
+      {'params': params}, images, z_where, z_pres, method='objects_at'
+    )
 
   def refine(out, flips, rounds, **kw):
     return objectives.refine_modes(

@@ -207,10 +207,61 @@ def test_air_objects_at_are_what_its_steps_infer_and_draw():
   np.testing.assert_allclose(what_q.loc, out.z_what_loc, atol=1e-5)
   np.testing.assert_allclose(what_q.scale, out.z_what_scale, atol=1e-5)
   np.testing.assert_allclose(windows, out.windows, atol=1e-5)
-  with pytest.raises(ValueError, match='DAIR'):
+  with pytest.raises(ValueError, match='needs z_pres'):
     model.clone(difference=True).apply(
       {'params': params}, images, out.z_where, method='objects_at'
     )
+
+
+def test_dair_objects_at_read_the_image_minus_the_present_steps_before():
+  config = test_config.get_config()
+  config.model.difference = True
+  model = configuration.create_model(config).clone(skip_finished=False)
+  params = air.init_params(model, 1)
+  images = _inked_images(3, seed=3)
+  out = helpers.apply_jitted(model, params, images, deterministic=True)
+  z_where = out.z_where
+
+  def objects_at(z_pres):
+    return jax.jit(
+      lambda p, x, z, pres: model.apply(
+        {'params': p}, x, z, pres, method='objects_at'
+      )
+    )(params, images, z_where, z_pres)
+
+  # At the modes (steps once absent stay absent): what the steps inferred.
+  what_q, windows = objects_at(out.z_pres)
+  np.testing.assert_allclose(what_q.loc, out.z_what_loc, atol=1e-5)
+  np.testing.assert_allclose(windows, out.windows, atol=1e-5)
+
+  # Any z_pres, against the rule written out step by step: present steps
+  # 0 and 2 read the image minus the present drawings before them, the
+  # absent step 1 the image minus both.
+  def encode(glimpse):
+    return model.apply(
+      {'params': params}, glimpse, method=lambda m, g: m.cell.encoder(g)
+    )
+
+  def draw(what, where):
+    window = model.apply(
+      {'params': params}, what, method=lambda m, w: m.decoder(w)
+    )
+    return window, spatial_transformer.window_to_image(window, where, (50, 50))
+
+  def read(source, t):
+    q = encode(
+      spatial_transformer.image_to_window(source, z_where[:, t], (28, 28))
+    )
+    return q, *draw(q.loc, z_where[:, t])
+
+  q0, w0, drawn0 = read(images, 0)
+  q2, w2, drawn2 = read(images - drawn0, 2)
+  q1, w1, _ = read(images - drawn0 - drawn2, 1)
+  what_q, windows = objects_at(jnp.asarray([[1.0, 0.0, 1.0]] * 3))
+  for t, (q, w) in enumerate(((q0, w0), (q1, w1), (q2, w2))):
+    np.testing.assert_allclose(what_q.loc[:, t], q.loc, atol=1e-5)
+    np.testing.assert_allclose(what_q.scale[:, t], q.scale, atol=1e-5)
+    np.testing.assert_allclose(windows[:, t], w, atol=1e-5)
 
 
 def test_present_first_reorders_steps_and_keeps_the_canvas():
@@ -295,8 +346,10 @@ _refine_modes = jax.jit(
 )
 
 
-def test_refined_air_modes_raise_its_objective_and_stay_sequential():
+@pytest.mark.parametrize('difference', [False, True], ids=['air', 'dair'])
+def test_refined_air_modes_raise_its_objective_and_stay_sequential(difference):
   config = test_config.get_config()
+  config.model.difference = difference
   model = configuration.create_model(config).clone(skip_finished=False)
   params = air.init_params(model, 0)
   loss_config = configuration.loss_config(config)

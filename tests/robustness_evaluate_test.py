@@ -42,14 +42,12 @@ def originals(tmp_path_factory, small_data_dir):
   shared.make_run(root / 'run', config, params, steps=(1, 2))
   shared.make_run(root / 'nan_run', config, params, (1, 2), nan_steps=(1, 2))
   checkpointing.save_params(params, str(root / 'export'), config)
-  config.model.difference = True  # DAIR: the same parameters.
-  checkpointing.save_params(params, str(root / 'dair_export'), config)
   return root
 
 
 @pytest.fixture
 def work(tmp_path, originals):
-  for name in ('run', 'nan_run', 'export', 'dair_export'):
+  for name in ('run', 'nan_run', 'export'):
     shutil.copytree(originals / name, tmp_path / name)
   return tmp_path
 
@@ -88,10 +86,6 @@ def test_bad_arguments_one_line_nothing_written(work, capsys, small_data_dir):
     (dict(checkpoint=run, output=out, iwae_samples=-1), '--iwae_samples'),
     (dict(checkpoint=run, output=out, max_examples=-5), '--max_examples'),
     (dict(checkpoint=run, output=out, refine_flips=-1), '--refine_flips'),
-    (
-      dict(checkpoint=str(work / 'dair_export'), output=out, refine_flips=2),
-      'not DAIR',
-    ),
     (dict(checkpoint=run, output=out, refine_rounds=-1), '--refine_rounds'),
     (
       dict(checkpoint=run, output=out, refine_rounds=1),

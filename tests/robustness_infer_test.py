@@ -325,10 +325,9 @@ def test_bad_checkpoints_are_refused(work, capsys):
   assert 'no such file' in line
   # --refine_flips, --refine_rounds, --refine_splits and
   # --refine_split_gain: not negative (nor NaN), rounds only with flips,
-  # splits only with rounds, and not for DAIR.
+  # splits only with rounds.
   for model, flags, says in (
     ('export', dict(refine_flips=-1), '--refine_flips must be >= 0'),
-    ('dair_export', dict(refine_flips=2), 'not DAIR'),
     ('export', dict(refine_rounds=-1), '--refine_rounds must be >= 0'),
     ('export', dict(refine_rounds=2), '--refine_rounds needs --refine_flips'),
     ('export', dict(refine_splits=-1), '--refine_splits must be >= 0'),
@@ -351,6 +350,23 @@ def test_bad_checkpoints_are_refused(work, capsys):
   line = refused(capsys, infer.infer, str(work / 'nan_run'), images, str(out))
   assert 'step 2' in line and 'step 1' in line and 'NaN' in line, line
   assert tree_digest(work) == before
+
+
+def test_dair_modes_are_refined_through_the_cli(work):
+  out = work / 'dair.json'
+  records = infer.infer(
+    str(work / 'dair_export'),
+    str(work / 'images.npz'),
+    str(out),
+    refine_flips=2,
+    refine_rounds=1,
+    refine_splits=1,
+  )
+  assert len(records) == 3 and json.loads(out.read_text()) == records
+  for record in records:  # Present objects first, as a DAIR's steps are.
+    assert [o['step'] for o in record['objects']] == list(
+      range(record['count'])
+    )
 
 
 def test_damaged_or_nan_newest_checkpoint_falls_back(work, caplog):

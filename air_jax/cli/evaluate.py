@@ -5,8 +5,8 @@ r"""Evaluates a checkpoint on multi-MNIST splits; writes a JSON report.
 
 Reports per split: count accuracy (posterior modes, and one sample), the
 confusion matrix (true rows, inferred columns), the ELBO, the IWAE bound with
-K samples, and inference time per image. For AIR and grid models (not
-DAIR), --refine_flips=K counts with the posterior modes refined by up to K
+K samples, and inference time per image. --refine_flips=K counts with
+the posterior modes refined by up to K
 single z_pres flips that each raise the model's objective
 (`objectives.greedy_z_pres`), and --refine_rounds=R then moves every
 z_where up that objective and flips again, R times

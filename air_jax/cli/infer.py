@@ -15,7 +15,7 @@ beside --output; only when both are complete are they renamed into place
 (the pictures first, the JSON last). --pictures must be a new or empty
 folder, or one holding only an earlier run's pictures (then replaced).
 
---refine_flips=K (AIR and grid models, not DAIR): the posterior modes
+--refine_flips=K: the posterior modes
 refined by up to K single z_pres flips, each raising the model's own objective
 (`objectives.greedy_z_pres`), as `air-evaluate --refine_flips` counts;
 --refine_rounds=R then moves every z_where up that objective and flips

@@ -31,9 +31,9 @@ def define_flags() -> Flags:
       flags.DEFINE_integer,
       'refine_flips',
       0,
-      'AIR and grid models (not DAIR): refine the posterior modes by '
-      'flipping up to this many z_pres, each raising the model objective '
-      "(objectives.greedy_z_pres); 0: the encoder's modes.",
+      'Refine the posterior modes by flipping up to this many z_pres, '
+      'each raising the model objective (objectives.greedy_z_pres); 0: '
+      "the encoder's modes.",
     ),
     rounds=cli.define_once(
       flags.DEFINE_integer,
@@ -72,7 +72,7 @@ def refinement(
   """The Refinement --refine_flips, --refine_rounds, --refine_splits and
   --refine_split_gain ask for (None for no flips); fails (one line) when
   one is negative, rounds come without flips, splits without rounds, or
-  the checkpoint's model is DAIR."""
+  rounds with a likelihood other than the Normal."""
   if refine_flips < 0:
     cli.fail(f'--refine_flips must be >= 0, got {refine_flips}.')
   if refine_rounds < 0:
@@ -87,13 +87,6 @@ def refinement(
     cli.fail('--refine_splits needs --refine_rounds > 0.')
   if not refine_flips:
     return None
-  if config.model.difference:
-    cli.fail(
-      '--refine_flips needs AIR or the grid model, not DAIR '
-      '(model.difference): a DAIR step reads its glimpse from the image '
-      "minus the earlier steps' canvas, so its objects cannot be moved "
-      'one at a time.'
-    )
   if refine_rounds and config.likelihood != 'normal':
     cli.fail(
       '--refine_rounds needs the Normal likelihood; this checkpoint '
