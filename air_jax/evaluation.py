@@ -84,6 +84,7 @@ class EvalResult(NamedTuple):
     'refine_rounds',
     'refine_splits',
     'refine_split_gain',
+    'refine_drops',
   ),
 )
 def eval_batch(
@@ -99,6 +100,7 @@ def eval_batch(
   refine_rounds: int = 0,
   refine_splits: int = 0,
   refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_drops: int = 0,
 ) -> dict[str, jax.Array]:
   """Counts (modes and a sample), ELBO and optionally IWAE of a batch.
 
@@ -119,6 +121,9 @@ def eval_batch(
       is tried as two (`objectives.split_objects`; needs refine_rounds >
       0).
     refine_split_gain: how much a split must raise the objective (nats).
+    refine_drops: after the rounds (and before any split), each of this
+      many of the least probable present objects is tried as absent
+      (`objectives.drop_objects`; needs refine_rounds > 0).
 
   Returns:
     dict of [B] arrays: 'count', 'count_sampled', 'elbo', and 'iwae' when
@@ -144,6 +149,7 @@ def eval_batch(
       refine_rounds,
       refine_splits,
       refine_split_gain,
+      refine_drops,
     )
   mode = inference.modes(model, params, images, refine)
   sample = model.apply(variables, images, rngs={'sample': rng})
@@ -182,6 +188,7 @@ def evaluate(
   refine_rounds: int = 0,
   refine_splits: int = 0,
   refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_drops: int = 0,
 ) -> EvalResult:
   """Count accuracy, confusion matrix, ELBO (and IWAE) on a split
   (`refine_*`: see `eval_batch`)."""
@@ -209,6 +216,7 @@ def evaluate(
       refine_rounds=refine_rounds,
       refine_splits=refine_splits,
       refine_split_gain=refine_split_gain,
+      refine_drops=refine_drops,
     )
     out = jax.device_get(out)
     counts.append(out['count'][:valid])
@@ -297,6 +305,7 @@ def evaluate_checkpoint(
   refine_rounds: int = 0,
   refine_splits: int = 0,
   refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_drops: int = 0,
 ) -> dict[str, Any]:
   """Evaluates a workdir or export on multi-MNIST splits.
 
@@ -313,10 +322,11 @@ def evaluate_checkpoint(
     refine_rounds: see `eval_batch`.
     refine_splits: see `eval_batch`.
     refine_split_gain: see `eval_batch`.
+    refine_drops: see `eval_batch`.
 
   Returns:
     {'checkpoint', 'builder_config', 'refine_flips', 'refine_rounds',
-    'refine_splits', 'refine_split_gain',
+    'refine_splits', 'refine_split_gain', 'refine_drops',
     'splits': {name: {...}},
     'infer_ms_per_image_b1', 'infer_ms_per_image_b64'}.
   """
@@ -334,6 +344,7 @@ def evaluate_checkpoint(
     'refine_rounds': refine_rounds,
     'refine_splits': refine_splits,
     'refine_split_gain': refine_split_gain,
+    'refine_drops': refine_drops,
     'splits': {},
   }
   images = None
@@ -357,6 +368,7 @@ def evaluate_checkpoint(
       refine_rounds=refine_rounds,
       refine_splits=refine_splits,
       refine_split_gain=refine_split_gain,
+      refine_drops=refine_drops,
     )
     report['splits'][split] = {
       'count_accuracy': result.count_accuracy,

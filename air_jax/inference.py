@@ -367,10 +367,14 @@ def load(checkpoint: str):
 class Refinement(NamedTuple):
   """Posterior modes refined by the model's own objective (AIR, DAIR and
   grid models): `objectives.greedy_z_pres`, then `rounds` rounds of z_where
-  ascent and flips (`objectives.refine_modes`), then, if `splits` > 0, each
-  of the `splits` largest present windows tried as two, each candidate
-  refined by `rounds` rounds, taken where it raises the objective by more
-  than `split_gain` nats (`objectives.split_objects`; needs rounds > 0)."""
+  ascent and flips (`objectives.refine_modes`), then, if `drops` > 0, each
+  of the `drops` least probable present objects tried as absent, taken
+  where that raises the objective, the others moved by `rounds` rounds of
+  ascent (`objectives.drop_objects`), then, if
+  `splits` > 0, each of the `splits` largest present windows tried as two,
+  taken where it raises the objective by more than `split_gain` nats
+  (`objectives.split_objects`), each candidate refined by `rounds` rounds
+  (drops and splits need rounds > 0)."""
 
   loss_config: objectives.LossConfig  # The model's objective.
   max_flips: int
@@ -378,6 +382,7 @@ class Refinement(NamedTuple):
   rounds: int = 0
   splits: int = 0
   split_gain: float = objectives.SPLIT_GAIN
+  drops: int = 0
 
 
 def refine_modes(
@@ -401,6 +406,17 @@ def refine_modes(
   refined = objectives.refine_modes(
     out, images, config, *search, model.z_where_bounds()
   )
+  if refine.drops:
+    refined = objectives.drop_objects(
+      refined,
+      images,
+      config,
+      refine.step,
+      refine.rounds,
+      objects_at,
+      model.z_where_bounds(),
+      num_objects=refine.drops,
+    )
   if refine.splits:
     refined = objectives.split_objects(
       refined,

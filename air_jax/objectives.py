@@ -45,17 +45,21 @@ from air_jax import spatial_transformer
 
 __all__ = [
   'BASELINES',
+  'DROP_GAIN',
   'ELBOTerms',
   'ESTIMATORS',
   'LIKELIHOODS',
   'LossAux',
   'LossConfig',
   'ObjectsAt',
+  'SPLIT_GAIN',
   'SignalMoments',
   'SignalSums',
   'air_loss',
   'baseline_loss',
   'downstream_signal',
+  'drop_candidates',
+  'drop_objects',
   'elbo_terms',
   'greedy_z_pres',
   'log_importance_weight',
@@ -68,6 +72,9 @@ __all__ = [
   'refinement_objective',
   'reinforce_surrogate',
   'repulsion_costs',
+  'set_objective',
+  'split_candidates',
+  'split_objects',
   'step_costs',
   'update_signal_moments',
   'z_pres_log_prob',
@@ -740,6 +747,10 @@ def _ascent_rounds(
 # some wide single digits as two windows by a few nats.
 SPLIT_GAIN = 10.0
 
+# How much dropping an object must raise the objective to be taken (nats):
+# none, the objective decides (`drop_objects`).
+DROP_GAIN = 0.0
+
 # Unit vectors (x, y) along which `split_objects` splits a window.
 _SPLIT_DIRECTIONS = (
   (1.0, 0.0),
@@ -869,7 +880,133 @@ def split_objects(
   z_pres, z_where, valid = split_candidates(
     output.z_pres, output.z_where, num_objects, shrink, bounds
   )
-  z_where = jnp.clip(z_where, *bounds)
+  return _best_candidate(
+    output,
+    images,
+    config,
+    step,
+    max_flips,
+    rounds,
+    objects_at,
+    bounds,
+    (z_pres, jnp.clip(z_where, *bounds), valid),
+    min_gain,
+    where_steps,
+    where_lr,
+  )
+
+
+def drop_candidates(
+  z_pres: jax.Array, z_pres_prob: jax.Array, num_objects: int
+) -> tuple[jax.Array, jax.Array]:
+  """Each of the `num_objects` present objects of every image whose
+  q(z_pres) is lowest turned off, one per candidate.
+
+  Args:
+    z_pres: [B, N] in {0, 1}.
+    z_pres_prob: [B, N] the encoder's q(z_pres).
+    num_objects: K, how many present objects (the least probable first).
+
+  Returns:
+    (z_pres [B, K, N], valid [B, K]) of the K candidates; a candidate is
+    invalid when its image has fewer than k present objects.
+  """
+  n = z_pres.shape[1]
+  present = z_pres > 0.5
+  least = jnp.where(present, -z_pres_prob, -jnp.inf)
+  _, which = jax.lax.top_k(least, num_objects)  # [B, K]
+  valid = jnp.take_along_axis(present, which, axis=1)
+  off = jnp.arange(n) == which[..., None]  # [B, K, N]
+  return jnp.where(off, 0.0, z_pres[:, None]), valid
+
+
+def drop_objects(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+  rounds: int,
+  objects_at: ObjectsAt,
+  bounds: tuple[jax.Array, jax.Array],
+  num_objects: int = 1,
+  min_gain: float = DROP_GAIN,
+  where_steps: int = 10,
+  where_lr: float = 0.05,
+) -> air.AIROutput:
+  """Refined modes (`refine_modes`' output) given the chance to read one
+  object fewer: each of the `drop_candidates` (one present object turned
+  off) re-read and redrawn by the model and its windows moved by `rounds`
+  rounds of z_where ascent, without flips (a flip could turn the dropped
+  object back on: the candidate is the reading with one object fewer);
+  per image, the candidate of highest `set_objective` g replaces `output`
+  if it beats it by more than `min_gain` nats.
+
+  The mirror of `split_objects`. A flip turns an object off with every
+  other window where it is; an object that draws the part of a digit its
+  neighbour's window left out pays for itself there, although the
+  neighbour, moved, would draw the whole digit alone (DAIR's pairs read as
+  three). Dropping it and moving the rest lets the model's objective
+  compare the two readings.
+
+  Args:
+    output: refined posterior modes (`refine_modes`).
+    images: [B, H, W].
+    config: the objective's settings (Normal likelihood).
+    step: the training step the schedules are read at.
+    rounds: rounds of ascent per candidate (>= 1).
+    objects_at: the model's q(z_what) and windows at given z_where.
+    bounds: lower and upper bounds of z_where's means.
+    num_objects: how many present objects (the least probable first) to
+      try without.
+    min_gain: how much a drop must raise g to be taken (nats).
+    where_steps: Adam steps per round.
+    where_lr: Adam's step size.
+
+  Returns:
+    AIROutput: per image, `output` or its best drop.
+  """
+  z_pres, valid = drop_candidates(
+    output.z_pres, output.z_pres_prob, num_objects
+  )
+  z_where = jnp.broadcast_to(
+    output.z_where[:, None], z_pres.shape + output.z_where.shape[-1:]
+  )
+  return _best_candidate(
+    output,
+    images,
+    config,
+    step,
+    0,
+    rounds,
+    objects_at,
+    bounds,
+    (z_pres, z_where, valid),
+    min_gain,
+    where_steps,
+    where_lr,
+  )
+
+
+def _best_candidate(
+  output: air.AIROutput,
+  images: jax.Array,
+  config: LossConfig,
+  step: jax.Array | int,
+  max_flips: int,
+  rounds: int,
+  objects_at: ObjectsAt,
+  bounds: tuple[jax.Array, jax.Array],
+  candidates: tuple[jax.Array, jax.Array, jax.Array],
+  min_gain: float,
+  where_steps: int,
+  where_lr: float,
+) -> air.AIROutput:
+  """Per image, `output` or the best of `candidates` (z_pres [B, C, N],
+  z_where [B, C, N, 3], valid [B, C]), each redrawn and refined by `rounds`
+  rounds of ascent and flips, by `set_objective` g: a candidate must beat
+  `output` by more than `min_gain` nats (`split_objects`,
+  `drop_objects`)."""
+  z_pres, z_where, valid = candidates
 
   def refine(pres, where):
     out = _redraw(output._replace(z_pres=pres), where, objects_at)
@@ -887,18 +1024,18 @@ def split_objects(
     )
     return out, set_objective(out, images, config, step)
 
-  candidates, g = jax.vmap(refine, in_axes=1, out_axes=1)(z_pres, z_where)
+  refined, g = jax.vmap(refine, in_axes=1, out_axes=1)(z_pres, z_where)
   g = jnp.where(valid, g, -jnp.inf)  # [B, C]
   kept = set_objective(output, images, config, step)
   g = jnp.concatenate([kept[:, None] + min_gain, g], axis=1)
-  best = jnp.argmax(g, axis=1)  # [B] 0: no split.
+  best = jnp.argmax(g, axis=1)  # [B] 0: `output` kept.
 
-  def pick(keep, split):
-    stacked = jnp.concatenate([keep[:, None], split], axis=1)
+  def pick(keep, other):
+    stacked = jnp.concatenate([keep[:, None], other], axis=1)
     index = best.reshape(-1, *([1] * (stacked.ndim - 1)))
     return jnp.take_along_axis(stacked, index, axis=1)[:, 0]
 
-  return jax.tree.map(pick, output, candidates)
+  return jax.tree.map(pick, output, refined)
 
 
 def local_expectation_surrogate(

@@ -1,5 +1,6 @@
 """experiments.infer and air_jax.inference: records, boxes, bad input."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -450,6 +451,68 @@ def test_split_objects_never_lower_the_objective_and_stay_sequential():
   # No flips: the two windows of the split are both present, first.
   np.testing.assert_array_equal(forced.z_pres, [[1, 1, 0]] * len(images))
   assert np.all(forced.z_where >= lower) and np.all(forced.z_where <= upper)
+
+
+def test_drop_objects_never_lower_the_objective_and_stay_sequential():
+  # DAIR, whose objects depend on each other (AIR's path is the same).
+  config = test_config.get_config()
+  config.model.difference = True
+  model = configuration.create_model(config).clone(skip_finished=False)
+  params = air.init_params(model, 0)
+  loss_config = configuration.loss_config(config)
+  step = config.num_train_steps
+  images = _inked_images(6, seed=5)
+  out = helpers.apply_jitted(model, params, images, deterministic=True)
+  # Every step present: the refinement's own flips would drop some.
+  z_pres = jnp.ones_like(out.z_pres)
+  out = out._replace(
+    z_pres=z_pres,
+    canvas=spatial_transformer.windows_to_canvas(
+      out.windows, out.z_where, z_pres, (50, 50)
+    ),
+  )
+  refine = inference.Refinement(loss_config, 0, step, 1)
+  refined = _refine_modes(model, params, images, out, refine)
+  dropped = _refine_modes(model, params, images, out, refine._replace(drops=2))
+  before = np.asarray(_objective(refined, images, loss_config, step))
+  after = np.asarray(_objective(dropped, images, loss_config, step))
+  assert np.all(after >= before - 1e-3), (before, after)
+  z = np.asarray(dropped.z_pres)
+  assert np.all(np.diff(z, axis=1) <= 0)
+  np.testing.assert_array_equal(dropped.mask[:, 1:], z[:, :-1])
+  np.testing.assert_allclose(
+    dropped.canvas,
+    spatial_transformer.windows_to_canvas(
+      dropped.windows, dropped.z_where, dropped.z_pres, (50, 50)
+    ),
+    atol=1e-5,
+  )
+  # Taken whatever it costs: the least probable object goes, the others
+  # are moved and re-read.
+  set_config = objectives.objects_as_set(loss_config)
+  objects_at = functools.partial(
+    model.apply, {'params': params}, images, method='objects_at'
+  )
+  forced = jax.jit(
+    lambda o: objectives.drop_objects(
+      o,
+      images,
+      set_config,
+      step,
+      1,
+      objects_at,
+      model.z_where_bounds(),
+      min_gain=-np.inf,
+    )
+  )(out)
+  least = np.argmin(np.asarray(out.z_pres_prob), axis=1)
+  want = np.ones((len(images), 3))
+  want[np.arange(len(images)), least] = 0
+  np.testing.assert_array_equal(forced.z_pres, want)
+  # The objects left, where they now are, are what the model reads there.
+  what_q, windows = objects_at(forced.z_where, forced.z_pres)
+  np.testing.assert_allclose(forced.z_what, what_q.loc, atol=1e-5)
+  np.testing.assert_allclose(forced.windows, windows, atol=1e-5)
 
 
 def test_refined_air_records_library_equals_cli(export_dir, images, tmp_path):

@@ -614,6 +614,25 @@ def test_split_candidates_by_hand():
   )
 
 
+def test_drop_candidates_by_hand():
+  # Image 0: steps 0 and 2 present, step 2 the less probable; image 1:
+  # one present; image 2: none.
+  z_pres = jnp.asarray([[1, 0, 1], [0, 1, 0], [0, 0, 0]], jnp.float32)
+  prob = jnp.asarray([[0.9, 0.1, 0.6], [0.2, 0.7, 0.3], [0.1, 0.2, 0.3]])
+  pres, valid = objectives.drop_candidates(z_pres, prob, num_objects=2)
+  np.testing.assert_array_equal(
+    pres,
+    [
+      [[1, 0, 0], [0, 0, 1]],
+      [[0, 0, 0], z_pres[1]],
+      [z_pres[2], z_pres[2]],
+    ],
+  )
+  np.testing.assert_array_equal(
+    valid, [[True, True], [True, False], [False, False]]
+  )
+
+
 def test_split_candidates_put_the_second_window_where_bounds_allow():
   # A grid model's proposals reach only near their cells: the second
   # window goes to the absent proposal whose bounds hold its centre, not

@@ -92,6 +92,11 @@ def test_bad_arguments_one_line_nothing_written(work, capsys, small_data_dir):
       '--refine_rounds needs --refine_flips',
     ),
     (dict(checkpoint=run, output=out, refine_splits=-1), '--refine_splits'),
+    (dict(checkpoint=run, output=out, refine_drops=-1), '--refine_drops'),
+    (
+      dict(checkpoint=run, output=out, refine_flips=2, refine_drops=1),
+      '--refine_drops needs --refine_rounds',
+    ),
     (
       dict(checkpoint=run, output=out, refine_flips=2, refine_splits=1),
       '--refine_splits needs --refine_rounds',

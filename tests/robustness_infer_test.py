@@ -323,14 +323,20 @@ def test_bad_checkpoints_are_refused(work, capsys):
     assert says in line, (name, line)
   line = refused(capsys, infer.infer, str(work / 'nowhere'), images, str(out))
   assert 'no such file' in line
-  # --refine_flips, --refine_rounds, --refine_splits and
-  # --refine_split_gain: not negative (nor NaN), rounds only with flips,
-  # splits only with rounds.
+  # --refine_flips, --refine_rounds, --refine_splits, --refine_split_gain
+  # and --refine_drops: not negative (nor NaN), rounds only with flips,
+  # splits and drops only with rounds.
   for model, flags, says in (
     ('export', dict(refine_flips=-1), '--refine_flips must be >= 0'),
     ('export', dict(refine_rounds=-1), '--refine_rounds must be >= 0'),
     ('export', dict(refine_rounds=2), '--refine_rounds needs --refine_flips'),
     ('export', dict(refine_splits=-1), '--refine_splits must be >= 0'),
+    ('export', dict(refine_drops=-1), '--refine_drops must be >= 0'),
+    (
+      'export',
+      dict(refine_flips=2, refine_drops=1),
+      '--refine_drops needs --refine_rounds',
+    ),
     (
       'export',
       dict(refine_flips=2, refine_rounds=1, refine_split_gain=float('nan')),
@@ -361,6 +367,7 @@ def test_dair_modes_are_refined_through_the_cli(work):
     refine_flips=2,
     refine_rounds=1,
     refine_splits=1,
+    refine_drops=1,
   )
   assert len(records) == 3 and json.loads(out.read_text()) == records
   for record in records:  # Present objects first, as a DAIR's steps are.

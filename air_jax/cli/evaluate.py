@@ -10,7 +10,9 @@ the posterior modes refined by up to K
 single z_pres flips that each raise the model's objective
 (`objectives.greedy_z_pres`), and --refine_rounds=R then moves every
 z_where up that objective and flips again, R times
-(`objectives.refine_modes`); --refine_splits=K then tries each of the K
+(`objectives.refine_modes`); --refine_drops=K then tries each of the K
+least probable present objects as absent, taken where the objective rises
+(`objectives.drop_objects`); --refine_splits=K then tries each of the K
 largest present windows as two, taken where the objective rises by more
 than --refine_split_gain nats (`objectives.split_objects`). The data
 configuration (TFDS data dir, builder config) is the checkpoint's own
@@ -89,6 +91,7 @@ def evaluate(
   refine_rounds: int = 0,
   refine_splits: int = 0,
   refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_drops: int = 0,
 ) -> dict:
   """The program without its flags: checks everything, evaluates, writes
   the report; every failure ends in `cli.fail` (one line, exit 1)."""
@@ -115,7 +118,12 @@ def evaluate(
       check_split_names(config.data.builder_config, splits)
     # Checks the flags (one line).
     refine_cli.refinement(
-      config, refine_flips, refine_rounds, refine_splits, refine_split_gain
+      config,
+      refine_flips,
+      refine_rounds,
+      refine_splits,
+      refine_split_gain,
+      refine_drops,
     )
     report = evaluation.evaluate_checkpoint(
       checkpoint,
@@ -130,6 +138,7 @@ def evaluate(
       refine_rounds=refine_rounds,
       refine_splits=refine_splits,
       refine_split_gain=refine_split_gain,
+      refine_drops=refine_drops,
     )
     evaluation.write_report(report, output)
   return report
@@ -151,6 +160,7 @@ def main(argv):
     refine_rounds=_REFINE.rounds.value,
     refine_splits=_REFINE.splits.value,
     refine_split_gain=_REFINE.split_gain.value,
+    refine_drops=_REFINE.drops.value,
   )
   print(evaluation.format_table(report))
 

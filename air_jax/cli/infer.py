@@ -19,7 +19,9 @@ folder, or one holding only an earlier run's pictures (then replaced).
 refined by up to K single z_pres flips, each raising the model's own objective
 (`objectives.greedy_z_pres`), as `air-evaluate --refine_flips` counts;
 --refine_rounds=R then moves every z_where up that objective and flips
-again, R times (`objectives.refine_modes`); --refine_splits=K then tries
+again, R times (`objectives.refine_modes`); --refine_drops=K then tries
+each of the K least probable present objects as absent, taken where the
+objective rises (`objectives.drop_objects`); --refine_splits=K then tries
 each of the K largest present windows as two, taken where the objective
 rises by more than --refine_split_gain nats (`objectives.split_objects`).
 """
@@ -76,6 +78,7 @@ def infer(
   refine_rounds: int = 0,
   refine_splits: int = 0,
   refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_drops: int = 0,
 ) -> list:
   """The program without its flags: checks everything, infers, writes the
   JSON (and pictures); every failure ends in `cli.fail` (one line, exit 1)
@@ -96,7 +99,12 @@ def infer(
         )
       model = model.clone(max_steps=max_steps)
     refine = refine_cli.refinement(
-      config, refine_flips, refine_rounds, refine_splits, refine_split_gain
+      config,
+      refine_flips,
+      refine_rounds,
+      refine_splits,
+      refine_split_gain,
+      refine_drops,
     )
     records = inference.infer_records(model, params, pixels, refine=refine)
     data = inference.records_json(records).encode('utf-8')

@@ -1,6 +1,6 @@
 """The refinement flags that `air-evaluate` and `air-infer` share
-(--refine_flips, --refine_rounds, --refine_splits, --refine_split_gain) and
-the `inference.Refinement` they ask for."""
+(--refine_flips, --refine_rounds, --refine_splits, --refine_split_gain,
+--refine_drops) and the `inference.Refinement` they ask for."""
 
 from typing import NamedTuple
 
@@ -15,12 +15,13 @@ __all__ = ['Flags', 'define_flags', 'refinement']
 
 
 class Flags(NamedTuple):
-  """The holders of the four refinement flags."""
+  """The holders of the five refinement flags."""
 
   flips: flags.FlagHolder
   rounds: flags.FlagHolder
   splits: flags.FlagHolder
   split_gain: flags.FlagHolder
+  drops: flags.FlagHolder
 
 
 def define_flags() -> Flags:
@@ -59,6 +60,16 @@ def define_flags() -> Flags:
       'With --refine_splits: how much (nats) a split must raise the model '
       'objective to be taken.',
     ),
+    drops=cli.define_once(
+      flags.DEFINE_integer,
+      'refine_drops',
+      0,
+      'With --refine_rounds: then (before any split) try each of this many '
+      'of the least probable present objects as absent (each candidate '
+      'refined by --refine_rounds rounds) and keep the best where it '
+      'raises the model objective (objectives.drop_objects): one object '
+      'read as two.',
+    ),
   )
 
 
@@ -68,11 +79,13 @@ def refinement(
   refine_rounds: int = 0,
   refine_splits: int = 0,
   refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_drops: int = 0,
 ) -> inference.Refinement | None:
-  """The Refinement --refine_flips, --refine_rounds, --refine_splits and
-  --refine_split_gain ask for (None for no flips); fails (one line) when
-  one is negative, rounds come without flips, splits without rounds, or
-  rounds with a likelihood other than the Normal."""
+  """The Refinement --refine_flips, --refine_rounds, --refine_splits,
+  --refine_split_gain and --refine_drops ask for (None for no flips);
+  fails (one line) when one is negative, rounds come without flips,
+  splits or drops without rounds, or rounds with a likelihood other than
+  the Normal."""
   if refine_flips < 0:
     cli.fail(f'--refine_flips must be >= 0, got {refine_flips}.')
   if refine_rounds < 0:
@@ -83,8 +96,12 @@ def refinement(
     cli.fail(f'--refine_split_gain must be >= 0, got {refine_split_gain}.')
   if refine_rounds and not refine_flips:
     cli.fail('--refine_rounds needs --refine_flips > 0.')
+  if refine_drops < 0:
+    cli.fail(f'--refine_drops must be >= 0, got {refine_drops}.')
   if refine_splits and not refine_rounds:
     cli.fail('--refine_splits needs --refine_rounds > 0.')
+  if refine_drops and not refine_rounds:
+    cli.fail('--refine_drops needs --refine_rounds > 0.')
   if not refine_flips:
     return None
   if refine_rounds and config.likelihood != 'normal':
@@ -99,4 +116,5 @@ def refinement(
     refine_rounds,
     refine_splits,
     float(refine_split_gain),
+    refine_drops,
   )
