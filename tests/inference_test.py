@@ -341,30 +341,54 @@ def _objective(out, images, loss_config, step):
   return log_lik - jnp.sum(out.z_pres * cost, axis=1)
 
 
+def _assert_sequential(out, model):
+  """`out` has a sequential AIR's form: present steps first, mask the step
+  before's z_pres, the canvas drawn from its objects, z_where in bounds."""
+  z = np.asarray(out.z_pres)
+  assert np.all(np.diff(z, axis=1) <= 0)
+  np.testing.assert_array_equal(out.mask[:, 1:], z[:, :-1])
+  np.testing.assert_allclose(
+    out.canvas,
+    spatial_transformer.windows_to_canvas(
+      out.windows, out.z_where, out.z_pres, model.image_shape
+    ),
+    atol=1e-5,
+  )
+  lower, upper = model.z_where_bounds()
+  assert np.all(out.z_where >= lower) and np.all(out.z_where <= upper)
+
+
 # Jitted: eagerly, each loop of the refinement compiles on every call.
 _refine_modes = jax.jit(
   inference.refine_modes, static_argnames=('model', 'refine')
 )
 
 
-@pytest.mark.parametrize('difference', [False, True], ids=['air', 'dair'])
-def test_refined_air_modes_raise_its_objective_and_stay_sequential(difference):
+def _all_present(difference: bool, seed: int):
+  """(model, params, loss_config, step, images, modes with every step
+  present) of the test config's untrained AIR (DAIR with `difference`),
+  every step computed."""
   config = test_config.get_config()
   config.model.difference = difference
   model = configuration.create_model(config).clone(skip_finished=False)
   params = air.init_params(model, 0)
-  loss_config = configuration.loss_config(config)
-  step = config.num_train_steps
-  images = _inked_images(6, seed=2)
+  images = _inked_images(6, seed=seed)
   out = helpers.apply_jitted(model, params, images, deterministic=True)
-  # Start from every step present: flips must then drop what does not pay.
   z_pres = jnp.ones_like(out.z_pres)
   out = out._replace(
     z_pres=z_pres,
     canvas=spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, z_pres, (50, 50)
+      out.windows, out.z_where, z_pres, model.image_shape
     ),
   )
+  loss_config = configuration.loss_config(config)
+  return model, params, loss_config, config.num_train_steps, images, out
+
+
+@pytest.mark.parametrize('difference', [False, True], ids=['air', 'dair'])
+def test_refined_air_modes_raise_its_objective_and_stay_sequential(difference):
+  # Start from every step present: flips must then drop what does not pay.
+  model, params, loss_config, step, images, out = _all_present(difference, 2)
   before = _objective(out, images, loss_config, step)
   flipped = _refine_modes(
     model, params, images, out, inference.Refinement(loss_config, 3, step)
@@ -372,7 +396,6 @@ def test_refined_air_modes_raise_its_objective_and_stay_sequential(difference):
   after = _objective(flipped, images, loss_config, step)
   assert np.all(np.asarray(after) >= np.asarray(before) - 1e-3)
   assert np.any(np.asarray(flipped.count) < 3)  # Some flip was taken.
-  lower, upper = model.z_where_bounds()
   for rounds in (0, 1):
     refined = _refine_modes(
       model,
@@ -381,18 +404,7 @@ def test_refined_air_modes_raise_its_objective_and_stay_sequential(difference):
       out,
       inference.Refinement(loss_config, 3, step, rounds),
     )
-    z = np.asarray(refined.z_pres)
-    # A sequential AIR's form: present steps first, mask the step before's.
-    assert np.all(np.diff(z, axis=1) <= 0)
-    np.testing.assert_array_equal(refined.mask[:, 1:], z[:, :-1])
-    np.testing.assert_allclose(
-      refined.canvas,
-      spatial_transformer.windows_to_canvas(
-        refined.windows, refined.z_where, refined.z_pres, (50, 50)
-      ),
-      atol=1e-5,
-    )
-    assert np.all(refined.z_where >= lower) and np.all(refined.z_where <= upper)
+    _assert_sequential(refined, model)
 
 
 def test_split_objects_never_lower_the_objective_and_stay_sequential():
@@ -409,18 +421,7 @@ def test_split_objects_never_lower_the_objective_and_stay_sequential():
   before = np.asarray(_objective(refined, images, loss_config, step))
   after = np.asarray(_objective(split, images, loss_config, step))
   assert np.all(after >= before - 1e-3), (before, after)
-  z = np.asarray(split.z_pres)
-  assert np.all(np.diff(z, axis=1) <= 0)
-  np.testing.assert_array_equal(split.mask[:, 1:], z[:, :-1])
-  np.testing.assert_allclose(
-    split.canvas,
-    spatial_transformer.windows_to_canvas(
-      split.windows, split.z_where, split.z_pres, (50, 50)
-    ),
-    atol=1e-5,
-  )
-  lower, upper = model.z_where_bounds()
-  assert np.all(split.z_where >= lower) and np.all(split.z_where <= upper)
+  _assert_sequential(split, model)
   # Where no split wins, the refined modes are kept as they were.
   kept = np.isclose(after, before, atol=1e-3)
   np.testing.assert_allclose(
@@ -450,43 +451,21 @@ def test_split_objects_never_lower_the_objective_and_stay_sequential():
   assert np.all(np.any(moved, axis=-1))
   # No flips: the two windows of the split are both present, first.
   np.testing.assert_array_equal(forced.z_pres, [[1, 1, 0]] * len(images))
+  lower, upper = model.z_where_bounds()
   assert np.all(forced.z_where >= lower) and np.all(forced.z_where <= upper)
 
 
 def test_drop_objects_never_lower_the_objective_and_stay_sequential():
-  # DAIR, whose objects depend on each other (AIR's path is the same).
-  config = test_config.get_config()
-  config.model.difference = True
-  model = configuration.create_model(config).clone(skip_finished=False)
-  params = air.init_params(model, 0)
-  loss_config = configuration.loss_config(config)
-  step = config.num_train_steps
-  images = _inked_images(6, seed=5)
-  out = helpers.apply_jitted(model, params, images, deterministic=True)
-  # Every step present: the refinement's own flips would drop some.
-  z_pres = jnp.ones_like(out.z_pres)
-  out = out._replace(
-    z_pres=z_pres,
-    canvas=spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, z_pres, (50, 50)
-    ),
-  )
+  # DAIR, whose objects depend on each other (AIR's path is the same),
+  # every step present.
+  model, params, loss_config, step, images, out = _all_present(True, 5)
   refine = inference.Refinement(loss_config, 0, step, 1)
   refined = _refine_modes(model, params, images, out, refine)
   dropped = _refine_modes(model, params, images, out, refine._replace(drops=2))
   before = np.asarray(_objective(refined, images, loss_config, step))
   after = np.asarray(_objective(dropped, images, loss_config, step))
   assert np.all(after >= before - 1e-3), (before, after)
-  z = np.asarray(dropped.z_pres)
-  assert np.all(np.diff(z, axis=1) <= 0)
-  np.testing.assert_array_equal(dropped.mask[:, 1:], z[:, :-1])
-  np.testing.assert_allclose(
-    dropped.canvas,
-    spatial_transformer.windows_to_canvas(
-      dropped.windows, dropped.z_where, dropped.z_pres, (50, 50)
-    ),
-    atol=1e-5,
-  )
+  _assert_sequential(dropped, model)
   # Taken whatever it costs: the least probable object goes, the others
   # are moved and re-read.
   set_config = objectives.objects_as_set(loss_config)

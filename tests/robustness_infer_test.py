@@ -366,7 +366,6 @@ def test_dair_modes_are_refined_through_the_cli(work):
     str(out),
     refine_flips=2,
     refine_rounds=1,
-    refine_splits=1,
     refine_drops=1,
   )
   assert len(records) == 3 and json.loads(out.read_text()) == records
