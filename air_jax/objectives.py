@@ -942,11 +942,10 @@ def drop_objects(
   if it beats it by more than `min_gain` nats.
 
   The mirror of `split_objects`. A flip turns an object off with every
-  other window where it is; an object that draws the part of a digit its
-  neighbour's window left out pays for itself there, although the
-  neighbour, moved, would draw the whole digit alone (DAIR's pairs read as
-  three). Dropping it and moving the rest lets the model's objective
-  compare the two readings.
+  other window where it is; an object can pay for itself there and not
+  once the others have moved (DAIR's pairs read as three, RESULTS.md).
+  Dropping it and moving the rest lets the model's objective compare the
+  two readings.
 
   Args:
     output: refined posterior modes (`refine_modes`).
