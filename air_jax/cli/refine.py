@@ -65,8 +65,8 @@ def define_flags() -> Flags:
       'refine_drops',
       0,
       'With --refine_rounds: then (before any split) try each of this many '
-      'of the least probable present objects as absent (each candidate '
-      'refined by --refine_rounds rounds) and keep the best where it '
+      'of the least probable present objects as absent (the others moved '
+      'by --refine_rounds rounds of ascent) and keep the best where it '
       'raises the model objective (objectives.drop_objects): one object '
       'read as two.',
     ),
