@@ -476,11 +476,16 @@ class AIR(nn.Module):
     """
     b, n = z_where.shape[:2]
     window = pair(self.window_size)
-    if not self.difference:
-      glimpses = spatial_transformer.image_to_windows(images, z_where, window)
+
+    def read_all(source):
+      """Every step's object read from `source` [B, H, W] at once."""
+      glimpses = spatial_transformer.image_to_windows(source, z_where, window)
       what_q = self.cell.encoder(glimpses.reshape(b * n, *window))
       what_q = jax.tree.map(lambda x: x.reshape(b, n, -1), what_q)
       return what_q, self.decoder(what_q.loc)
+
+    if not self.difference:
+      return read_all(images)
     if z_pres is None:
       raise ValueError(
         "DAIR's objects_at needs z_pres: a DAIR step reads its glimpse "
@@ -502,12 +507,7 @@ class AIR(nn.Module):
       read.append((what_q, drawn))
     in_order = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *read)
     # Absent steps: what each would explain of the image left over.
-    glimpses = spatial_transformer.image_to_windows(
-      images - canvas, z_where, window
-    )
-    last_q = self.cell.encoder(glimpses.reshape(b * n, *window))
-    last_q = jax.tree.map(lambda x: x.reshape(b, n, -1), last_q)
-    last = (last_q, self.decoder(last_q.loc))
+    last = read_all(images - canvas)
 
     def pick(ordered, leftover):
       mask = present.reshape(b, n, *([1] * (ordered.ndim - 2)))

@@ -370,11 +370,11 @@ class Refinement(NamedTuple):
   ascent and flips (`objectives.refine_modes`), then, if `drops` > 0, each
   of the `drops` least probable present objects tried as absent, taken
   where that raises the objective, the others moved by `rounds` rounds of
-  ascent (`objectives.drop_objects`), then, if
-  `splits` > 0, each of the `splits` largest present windows tried as two,
-  taken where it raises the objective by more than `split_gain` nats
-  (`objectives.split_objects`), each candidate refined by `rounds` rounds
-  (drops and splits need rounds > 0)."""
+  ascent (`objectives.drop_objects`), then, if `splits` > 0, each of the
+  `splits` largest present windows tried as two, taken where it raises the
+  objective by more than `split_gain` nats (`objectives.split_objects`),
+  each candidate refined by `rounds` rounds (drops and splits need
+  rounds > 0)."""
 
   loss_config: objectives.LossConfig  # The model's objective.
   max_flips: int
@@ -402,10 +402,9 @@ def refine_modes(
   objects_at = functools.partial(
     model.apply, {'params': params}, images, method='objects_at'
   )
-  search = (refine.step, refine.max_flips, refine.rounds, objects_at)
-  refined = objectives.refine_modes(
-    out, images, config, *search, model.z_where_bounds()
-  )
+  bounds = model.z_where_bounds()
+  search = (refine.step, refine.max_flips, refine.rounds, objects_at, bounds)
+  refined = objectives.refine_modes(out, images, config, *search)
   if refine.drops:
     refined = objectives.drop_objects(
       refined,
@@ -414,7 +413,7 @@ def refine_modes(
       refine.step,
       refine.rounds,
       objects_at,
-      model.z_where_bounds(),
+      bounds,
       num_objects=refine.drops,
     )
   if refine.splits:
@@ -423,7 +422,6 @@ def refine_modes(
       images,
       config,
       *search,
-      model.z_where_bounds(),
       num_objects=refine.splits,
       min_gain=refine.split_gain,
     )
