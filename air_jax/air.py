@@ -463,7 +463,7 @@ class AIR(nn.Module):
   ) -> tuple[distributions.NormalParams, jax.Array]:
     """(q(z_what) [B, N, D] of the glimpses at z_where [B, N, 3], the windows
     [B, N, h, w] its means draw): what each step would infer and draw were
-    its z_where there (`objectives.refine_modes`).
+    its z_where there (`refinement.refine_modes`).
 
     AIR reads every glimpse from the image. DAIR reads each step's glimpse
     from the image minus what the steps before it drew, so its objects
@@ -713,7 +713,7 @@ def present_first(output: AIROutput) -> AIROutput:
   """The steps of `output` reordered so that its present objects come first,
   each group in step order, with mask = z_pres of the step before (1 for
   the first): a sequential AIR's form of a set of objects whose z_pres
-  were chosen in any order (`objectives.refine_modes`). The canvas is the
+  were chosen in any order (`refinement.refine_modes`). The canvas is the
   same sum."""
   order = jnp.argsort(-output.z_pres, axis=1, stable=True)  # [B, N]
 

@@ -21,6 +21,7 @@ from air_jax import inference
 from air_jax import input_pipeline
 from air_jax import metrics as metrics_lib
 from air_jax import objectives
+from air_jax import refinement
 
 __all__ = [
   'EvalResult',
@@ -80,11 +81,7 @@ class EvalResult(NamedTuple):
     'model',
     'loss_config',
     'iwae_samples',
-    'refine_flips',
-    'refine_rounds',
-    'refine_splits',
-    'refine_split_gain',
-    'refine_drops',
+    'refine',
   ),
 )
 def eval_batch(
@@ -96,11 +93,7 @@ def eval_batch(
   model: air.AIR,
   loss_config: objectives.LossConfig,
   iwae_samples: int = 0,
-  refine_flips: int = 0,
-  refine_rounds: int = 0,
-  refine_splits: int = 0,
-  refine_split_gain: float = objectives.SPLIT_GAIN,
-  refine_drops: int = 0,
+  refine: refinement.Refinement | None = None,
 ) -> dict[str, jax.Array]:
   """Counts (modes and a sample), ELBO and optionally IWAE of a batch.
 
@@ -112,18 +105,8 @@ def eval_batch(
     model: the AIR module.
     loss_config: the objective's settings.
     iwae_samples: K of the IWAE bound (0: skip).
-    refine_flips: if > 0, the posterior modes' z_pres are refined by
-      `objectives.greedy_z_pres` with at most this many flips
-      (`inference.refine_modes`).
-    refine_rounds: then this many rounds of z_where ascent and flips
-      (`objectives.refine_modes`; needs refine_flips > 0).
-    refine_splits: then each of this many of the largest present windows
-      is tried as two (`objectives.split_objects`; needs refine_rounds >
-      0).
-    refine_split_gain: how much a split must raise the objective (nats).
-    refine_drops: after the rounds (and before any split), each of this
-      many of the least probable present objects is tried as absent
-      (`objectives.drop_objects`; needs refine_rounds > 0).
+    refine: if given, the posterior modes are refined by the model's
+      objective at `step` (`refinement.refine`); None: the encoder's.
 
   Returns:
     dict of [B] arrays: 'count', 'count_sampled', 'elbo', and 'iwae' when
@@ -140,18 +123,10 @@ def eval_batch(
     loss_config.repulsion(step),
   )
   variables = {'params': params}
-  refine = None
-  if refine_flips > 0:
-    refine = inference.Refinement(
-      loss_config,
-      refine_flips,
-      step,
-      refine_rounds,
-      refine_splits,
-      refine_split_gain,
-      refine_drops,
-    )
-  mode = inference.modes(model, params, images, refine)
+  refiner = None
+  if refine is not None:
+    refiner = refinement.Refiner(refine, loss_config, step)
+  mode = inference.modes(model, params, images, refiner)
   sample = model.apply(variables, images, rngs={'sample': rng})
   terms = objectives.elbo_terms(sample, images, *model_terms)
   result = {
@@ -184,14 +159,10 @@ def evaluate(
   seed: int = 0,
   iwae_samples: int = 0,
   max_examples: int | None = None,
-  refine_flips: int = 0,
-  refine_rounds: int = 0,
-  refine_splits: int = 0,
-  refine_split_gain: float = objectives.SPLIT_GAIN,
-  refine_drops: int = 0,
+  refine: refinement.Refinement | None = None,
 ) -> EvalResult:
   """Count accuracy, confusion matrix, ELBO (and IWAE) on a split
-  (`refine_*`: see `eval_batch`)."""
+  (`refine`: see `eval_batch`)."""
   # Counts 0..N, but no more columns than the data's object slots need
   # (a grid model's N is its number of cells): the last column then also
   # holds every larger count.
@@ -212,11 +183,7 @@ def evaluate(
       model=model,
       loss_config=loss_config,
       iwae_samples=iwae_samples,
-      refine_flips=refine_flips,
-      refine_rounds=refine_rounds,
-      refine_splits=refine_splits,
-      refine_split_gain=refine_split_gain,
-      refine_drops=refine_drops,
+      refine=refine,
     )
     out = jax.device_get(out)
     counts.append(out['count'][:valid])
@@ -301,11 +268,7 @@ def evaluate_checkpoint(
   iwae_samples: int = 100,
   max_examples: int | None = None,
   batch_size: int = 500,
-  refine_flips: int = 0,
-  refine_rounds: int = 0,
-  refine_splits: int = 0,
-  refine_split_gain: float = objectives.SPLIT_GAIN,
-  refine_drops: int = 0,
+  refine: refinement.Refinement | None = None,
 ) -> dict[str, Any]:
   """Evaluates a workdir or export on multi-MNIST splits.
 
@@ -318,11 +281,7 @@ def evaluate_checkpoint(
     iwae_samples: K of the IWAE bound (0: skip).
     max_examples: per split (None: all).
     batch_size: images per evaluation batch.
-    refine_flips: see `eval_batch` (0: the encoder's modes).
-    refine_rounds: see `eval_batch`.
-    refine_splits: see `eval_batch`.
-    refine_split_gain: see `eval_batch`.
-    refine_drops: see `eval_batch`.
+    refine: see `eval_batch` (None: the encoder's modes).
 
   Returns:
     {'checkpoint', 'builder_config', 'refine_flips', 'refine_rounds',
@@ -340,11 +299,7 @@ def evaluate_checkpoint(
   report = {
     'checkpoint': checkpoint,
     'builder_config': builder_config,
-    'refine_flips': refine_flips,
-    'refine_rounds': refine_rounds,
-    'refine_splits': refine_splits,
-    'refine_split_gain': refine_split_gain,
-    'refine_drops': refine_drops,
+    **(refine or refinement.Refinement(0)).report(),
     'splits': {},
   }
   images = None
@@ -364,11 +319,7 @@ def evaluate_checkpoint(
       seed=config.seed,
       iwae_samples=iwae_samples,
       max_examples=max_examples,
-      refine_flips=refine_flips,
-      refine_rounds=refine_rounds,
-      refine_splits=refine_splits,
-      refine_split_gain=refine_split_gain,
-      refine_drops=refine_drops,
+      refine=refine,
     )
     report['splits'][split] = {
       'count_accuracy': result.count_accuracy,

@@ -218,7 +218,7 @@ class GridAIR(nn.Module):
   ) -> tuple[distributions.NormalParams, jax.Array]:
     """(q(z_what) [B, N, D] of the glimpses at z_where [B, N, 3], the windows
     [B, N, h, w] its means draw): the proposals' objects, were their
-    z_where moved there (`objectives.refine_modes`). z_pres is unused: each
+    z_where moved there (`refinement.refine_modes`). z_pres is unused: each
     proposal reads the image alone."""
     del z_pres
     what_q = self.glimpse_posterior(images, z_where)

@@ -4,14 +4,12 @@ Glossary of shapes: M images, H, W image (50 x 50 for the shipped models),
 N steps.
 """
 
-import functools
 import json
 import os
 import pathlib
 import re
 import struct
 from typing import Any
-from typing import NamedTuple
 import warnings
 import zipfile
 import zlib
@@ -24,14 +22,13 @@ from PIL import Image
 from air_jax import air
 from air_jax import checkpointing
 from air_jax import files
-from air_jax import objectives
+from air_jax import refinement
 from air_jax import spatial_transformer
 from air_jax import visualization
 
 __all__ = [
   'InputError',
   'PICTURE_NAME',
-  'Refinement',
   'check_images',
   'image_shape',
   'infer',
@@ -41,7 +38,6 @@ __all__ = [
   'load_images',
   'modes',
   'records_json',
-  'refine_modes',
   'render_pictures',
   'write_json',
   'write_pictures',
@@ -364,83 +360,19 @@ def load(checkpoint: str):
     raise InputError(str(e)) from e
 
 
-class Refinement(NamedTuple):
-  """Posterior modes refined by the model's own objective (AIR, DAIR and
-  grid models): `objectives.greedy_z_pres`, then `rounds` rounds of z_where
-  ascent and flips (`objectives.refine_modes`), then, if `drops` > 0, each
-  of the `drops` least probable present objects tried as absent, taken
-  where that raises the objective, the others moved by `rounds` rounds of
-  ascent (`objectives.drop_objects`), then, if `splits` > 0, each of the
-  `splits` largest present windows tried as two, taken where it raises the
-  objective by more than `split_gain` nats (`objectives.split_objects`),
-  each candidate refined by `rounds` rounds (drops and splits need
-  rounds > 0)."""
-
-  loss_config: objectives.LossConfig  # The model's objective.
-  max_flips: int
-  step: int  # The training step its schedules are read at.
-  rounds: int = 0
-  splits: int = 0
-  split_gain: float = objectives.SPLIT_GAIN
-  drops: int = 0
-
-
-def refine_modes(
-  model, params, images: jax.Array, out: air.AIROutput, refine: Refinement
-) -> air.AIROutput:
-  """`out`, the posterior modes of a grid model or of a sequential AIR
-  or DAIR on `images`, refined. A sequential model's steps are refined as
-  a set of proposals (`objects_as_set`: AIR and DAIR share the generative
-  model, whose objective does not depend on the order of the objects) and
-  handed back with the present objects first (`air.present_first`). DAIR's
-  objects are re-read in that order, each from the image minus the present
-  objects before it (`air.AIR.objects_at`)."""
-  sequential = isinstance(model, air.AIR)
-  config = refine.loss_config
-  if sequential:
-    config = objectives.objects_as_set(config)
-  objects_at = functools.partial(
-    model.apply, {'params': params}, images, method='objects_at'
-  )
-  bounds = model.z_where_bounds()
-  search = (refine.step, refine.max_flips, refine.rounds, objects_at, bounds)
-  refined = objectives.refine_modes(out, images, config, *search)
-  if refine.drops:
-    refined = objectives.drop_objects(
-      refined,
-      images,
-      config,
-      refine.step,
-      refine.rounds,
-      objects_at,
-      bounds,
-      num_objects=refine.drops,
-    )
-  if refine.splits:
-    refined = objectives.split_objects(
-      refined,
-      images,
-      config,
-      *search,
-      num_objects=refine.splits,
-      min_gain=refine.split_gain,
-    )
-  return air.present_first(refined) if sequential else refined
-
-
 def modes(
-  model, params, images: jax.Array, refine: Refinement | None = None
+  model, params, images: jax.Array, refine: refinement.Refiner | None = None
 ) -> air.AIROutput:
-  """The posterior modes of `images`, refined if `refine` is given. To be
-  refined, a sequential AIR computes every step (`skip_finished` off): the
-  steps a batch would skip hold placeholders, and each absent step is a
-  proposal the refinement may turn on, so an image's result would depend
-  on the other images of its batch."""
+  """The posterior modes of `images`, refined (`refinement.refine`) if
+  `refine` is given. To be refined, a sequential AIR computes every step
+  (`skip_finished` off): the steps a batch would skip hold placeholders,
+  and each absent step is a proposal the refinement may turn on, so an
+  image's result would depend on the other images of its batch."""
   if refine is not None and isinstance(model, air.AIR):
     model = model.clone(skip_finished=False)
   out = model.apply({'params': params}, images, deterministic=True)
   if refine is not None:
-    out = refine_modes(model, params, images, out, refine)
+    out = refinement.refine(model, params, images, out, refine)
   return out
 
 
@@ -452,7 +384,7 @@ def infer_records(
   params,
   images: np.ndarray,
   batch_size: int = 256,
-  refine: Refinement | None = None,
+  refine: refinement.Refiner | None = None,
 ) -> list[dict[str, Any]]:
   """AIR's reading of each image as JSON-ready records.
 
@@ -464,7 +396,7 @@ def infer_records(
     params: its parameters.
     images: [M, H, W] float32 in [0, 1].
     batch_size: images per forward pass.
-    refine: optional Refinement (models with independent proposals).
+    refine: optional `refinement.Refiner`.
 
   Returns:
     One record per image: {"index", "count", "objects": [{"step",
@@ -545,7 +477,7 @@ def render_pictures(
   images: np.ndarray,
   directory: str,
   batch_size: int = 256,
-  refine: Refinement | None = None,
+  refine: refinement.Refiner | None = None,
 ) -> list[str]:
   """Writes `00000.png`, ... (each present step's window drawn on the
   input) into the existing folder `directory` (modes refined if `refine`
@@ -567,7 +499,7 @@ def write_pictures(
   params,
   images: np.ndarray,
   directory: str,
-  refine: Refinement | None = None,
+  refine: refinement.Refiner | None = None,
 ) -> list[str]:
   """One PNG per image with each present step's window drawn on the input.
 

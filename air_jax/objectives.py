@@ -33,7 +33,6 @@ expectation over each z_pres_n (`local_object_objective`).
 
 import dataclasses
 from typing import NamedTuple
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -45,38 +44,29 @@ from air_jax import spatial_transformer
 
 __all__ = [
   'BASELINES',
-  'DROP_GAIN',
   'ELBOTerms',
   'ESTIMATORS',
   'LIKELIHOODS',
   'LossAux',
   'LossConfig',
-  'ObjectsAt',
-  'SPLIT_GAIN',
   'SignalMoments',
   'SignalSums',
   'air_loss',
   'baseline_loss',
   'downstream_signal',
-  'drop_candidates',
-  'drop_objects',
   'elbo_terms',
-  'greedy_z_pres',
   'log_importance_weight',
   'local_expectation_surrogate',
   'local_object_objective',
   'local_signal',
   'log_likelihood',
-  'objects_as_set',
-  'refine_modes',
   'refinement_objective',
   'reinforce_surrogate',
   'repulsion_costs',
   'set_objective',
-  'split_candidates',
-  'split_objects',
   'step_costs',
   'update_signal_moments',
+  'z_pres_prior_logit',
   'z_pres_log_prob',
 ]
 
@@ -449,91 +439,7 @@ def local_signal(
   return ll[0] - ll[1] - kl_where - kl_what
 
 
-def objects_as_set(config: LossConfig) -> LossConfig:
-  """A sequential AIR's objective as `greedy_z_pres` and `refine_modes` use
-  it on its posterior modes: its N steps taken as N proposals, each present
-  or not, with the canvas the sum of the present ones.
-
-  The sequential prior gives k present objects (steps 1..k) the probability
-  p^k (1 - p) (p^N for k = N) and each object's z_where and z_what the same
-  prior whatever its step; the likelihood depends on the set of objects, not
-  their order. So any k present proposals, moved to the first k steps
-  (`air.present_first`), have the sequential model's objective up to
-  log(1 - p) for each absent step after the first (1e-5 nats at the
-  default p): the independent per-proposal prior of the grid model's
-  estimator 'local'. The estimator only tells `greedy_z_pres` that this
-  objective applies; nothing here is trained."""
-  return dataclasses.replace(config, estimator='local', baseline='none')
-
-
-def greedy_z_pres(
-  output: air.AIROutput,
-  images: jax.Array,
-  config: LossConfig,
-  step: jax.Array | int,
-  max_flips: int,
-) -> air.AIROutput:
-  """z_pres moved to a local maximum of the model's own objective, one flip
-  at a time (iterated conditional modes), for models whose proposals are
-  independent given the image (config.estimator 'local'), or a sequential
-  AIR's steps taken as a set of proposals (`objects_as_set`).
-
-  With every other latent as in `output` (its means, for posterior modes),
-  z_pres maximises
-    g(z) = f(z) + sum_n z_n log(p / (1 - p)),
-  f as in `local_signal` (the likelihood, each present object's KL_where and
-  KL_what, the repulsion) and p the z_pres prior at `step`. Each round flips,
-  in every image, the one z_pres_n that raises g most, if any does; after
-  `max_flips` rounds, or once no flip raises g, z_pres is returned with the
-  canvas redrawn. The encoder's q(z_pres) decides each proposal alone; this
-  lets proposals explain each other away (two proposals on one digit: the
-  second adds little ink and pays its prior, so it is dropped).
-
-  Args:
-    output: AIROutput of a model with independent proposals.
-    images: [B, H, W].
-    config: the objective's settings (prior, likelihood, repulsion).
-    step: the training step the schedules are read at.
-    max_flips: most rounds (each flips at most one z_pres per image).
-
-  Returns:
-    The output with z_pres and canvas replaced (z_pres_prob is still q).
-  """
-  if config.estimator != 'local':
-    raise ValueError(
-      'greedy_z_pres needs a model with independent proposals (estimator '
-      f"'local'), not {config.estimator!r}; for a sequential AIR's modes "
-      'use objects_as_set(config).'
-    )
-  prior_logit = _prior_logit(config, step)
-
-  def flip_best(_, out):
-    gain = (
-      local_signal(
-        out,
-        images,
-        config.z_where_prior(),
-        config.likelihood,
-        config.likelihood_std(step),
-        config.repulsion(step),
-      )
-      + prior_logit
-    )
-    gain = jnp.where(out.z_pres > 0.5, -gain, gain)  # Of flipping each.
-    best = jnp.argmax(gain, axis=1)
-    flip = (jnp.max(gain, axis=1) > 0)[:, None] & (
-      jnp.arange(gain.shape[1])[None] == best[:, None]
-    )
-    z_pres = jnp.where(flip, 1.0 - out.z_pres, out.z_pres)
-    canvas = spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, z_pres, images.shape[1:]
-    )
-    return out._replace(z_pres=z_pres, canvas=canvas)
-
-  return jax.lax.fori_loop(0, max_flips, flip_best, output)
-
-
-def _prior_logit(config: LossConfig, step: jax.Array | int) -> jax.Array:
+def z_pres_prior_logit(config: LossConfig, step: jax.Array | int) -> jax.Array:
   """log(p / (1 - p)) of the z_pres prior p at `step`."""
   p = jnp.clip(config.z_pres_prior(step), 1e-35, 1.0 - 1e-7)
   return jnp.log(p) - jnp.log1p(-p)
@@ -545,8 +451,8 @@ def refinement_objective(
   config: LossConfig,
   step: jax.Array | int,
 ) -> jax.Array:
-  """[B] what `refine_modes` climbs in z_where: g of `greedy_z_pres` (the
-  likelihood of the canvas, each present object's KL_where, KL_what and
+  """[B] what `refinement.refine_modes` climbs in z_where: g
+  (`set_objective`: the likelihood of the canvas, each present object's KL_where, KL_what and
   prior, the repulsion) plus, for every absent proposal, the gain in g of
   turning it on alone, with the canvas of the present objects held fixed in
   that term (its gradient moves the absent proposal only: to where it would
@@ -569,7 +475,7 @@ def refinement_objective(
   z_pres = jax.lax.stop_gradient(output.z_pres)
   gain = _normal_flip_gains(
     output, images, config.z_where_prior(), std, repulsion
-  ) + _prior_logit(config, step)
+  ) + z_pres_prior_logit(config, step)
   return set_objective(output, images, config, step) + jnp.sum(
     (1.0 - z_pres) * gain, axis=1
   )
@@ -581,10 +487,12 @@ def set_objective(
   config: LossConfig,
   step: jax.Array | int,
 ) -> jax.Array:
-  """[B] g of `greedy_z_pres`: the log-likelihood of the canvas minus, for
-  each present object, its KL_where, KL_what and z_pres prior logit, minus
-  the repulsion. What the refinement of the modes climbs and what
-  `split_objects` compares candidates by; z_pres is not differentiated.
+  """[B] g, the model's objective for a set of objects: the
+  log-likelihood of the canvas minus, for each present object, its
+  KL_where, KL_what and z_pres prior logit, minus the repulsion. What the
+  search over posterior modes climbs (`refinement`: its flips, and its
+  drops and splits compare candidates by it); z_pres is not
+  differentiated.
 
   Args:
     output: AIROutput whose canvas is drawn from its z_pres, z_where and
@@ -594,7 +502,7 @@ def set_objective(
     step: the training step the schedules are read at.
   """
   kl_where, kl_what = _object_kls(output, config.z_where_prior())
-  cost = kl_where + kl_what - _prior_logit(config, step)  # [B, N]
+  cost = kl_where + kl_what - z_pres_prior_logit(config, step)  # [B, N]
   z_pres = jax.lax.stop_gradient(output.z_pres)
   std = config.likelihood_std(step)
   return (
@@ -602,439 +510,6 @@ def set_objective(
     - jnp.sum(z_pres * cost, axis=1)
     - jnp.sum(_repulsion_costs_or_zeros(output, config.repulsion(step)), axis=1)
   )
-
-
-class ObjectsAt(Protocol):
-  """(z_where [B, N, 3], z_pres [B, N]) -> (q(z_what) [B, N, D], windows
-  [B, N, h, w]) of the images being refined (e.g. `grid.GridAIR.objects_at`
-  with its params; z_pres matters only to models whose objects depend on
-  each other, DAIR: `air.AIR.objects_at`)."""
-
-  def __call__(
-    self, z_where: jax.Array, z_pres: jax.Array
-  ) -> tuple[distributions.NormalParams, jax.Array]: ...
-
-
-def refine_modes(
-  output: air.AIROutput,
-  images: jax.Array,
-  config: LossConfig,
-  step: jax.Array | int,
-  max_flips: int,
-  rounds: int,
-  objects_at: ObjectsAt,
-  bounds: tuple[jax.Array, jax.Array],
-  where_steps: int = 10,
-  where_lr: float = 0.05,
-) -> air.AIROutput:
-  """Posterior modes of a model with independent proposals (or a
-  sequential model's steps taken as a set, `objects_as_set`) moved up the
-  model's own objective: `greedy_z_pres`, then `rounds` times (i)
-  `where_steps` steps of Adam ascent (step `where_lr`, normalised
-  coordinates) on every proposal's z_where, up `refinement_objective`, each
-  glimpse re-read and redrawn by the model at its new z_where and the means
-  kept within `bounds` (`objects_at`, given z_pres: a DAIR re-reads its
-  objects one after the other, and its gradient runs through that chain),
-  (ii) `greedy_z_pres` again (its flips keep every object's drawing; the
-  next round re-reads them).
-
-  The encoder proposes each object alone; the flips of `greedy_z_pres` can
-  only choose among its proposals. Moving them lets a window that sits
-  between two digits move onto one (the other's proposal then pays for
-  itself), and two windows on one digit meet (the repulsion and the prior
-  then drop one). z_where's posterior stds and q(z_pres) are kept.
-
-  Args:
-    output: AIROutput of the posterior modes (deterministic).
-    images: [B, H, W].
-    config: the objective's settings (Normal likelihood).
-    step: the training step the schedules are read at.
-    max_flips: most flips of each `greedy_z_pres`.
-    rounds: rounds of ascent and flips after the first flips (0: just
-      `greedy_z_pres`).
-    objects_at: the model's q(z_what) and windows at given z_where.
-    bounds: ([N, 3], [N, 3]) lower and upper bounds of z_where's means
-      (`grid.GridAIR.z_where_bounds`).
-    where_steps: Adam steps per round.
-    where_lr: Adam's step size.
-
-  Returns:
-    The refined AIROutput (z_pres, z_where, z_what, windows, canvas).
-  """
-  output = greedy_z_pres(output, images, config, step, max_flips)
-  return _ascent_rounds(
-    output,
-    images,
-    config,
-    step,
-    max_flips,
-    rounds,
-    objects_at,
-    bounds,
-    where_steps,
-    where_lr,
-  )
-
-
-def _redraw(
-  output: air.AIROutput, z_where: jax.Array, objects_at: ObjectsAt
-) -> air.AIROutput:
-  """`output` with its objects re-read and redrawn at z_where [B, N, 3]."""
-  what_q, windows = objects_at(z_where, output.z_pres)
-  canvas = spatial_transformer.windows_to_canvas(
-    windows, z_where, output.z_pres, output.canvas.shape[1:]
-  )
-  return output._replace(
-    z_where=z_where,
-    z_where_loc=z_where,
-    z_what=what_q.loc,
-    z_what_loc=what_q.loc,
-    z_what_scale=what_q.scale,
-    windows=windows,
-    canvas=canvas,
-  )
-
-
-def _ascent_rounds(
-  output: air.AIROutput,
-  images: jax.Array,
-  config: LossConfig,
-  step: jax.Array | int,
-  max_flips: int,
-  rounds: int,
-  objects_at: ObjectsAt,
-  bounds: tuple[jax.Array, jax.Array],
-  where_steps: int,
-  where_lr: float,
-) -> air.AIROutput:
-  """`rounds` rounds of z_where ascent then `greedy_z_pres` (`refine_modes`
-  after its first flips)."""
-  lower, upper = bounds
-  b1, b2, eps = 0.9, 0.999, 1e-8
-
-  def ascend(out):
-    grad_fn = jax.grad(
-      lambda z: jnp.sum(
-        refinement_objective(_redraw(out, z, objects_at), images, config, step)
-      )
-    )
-
-    def adam(t, state):
-      z, m, v = state
-      grad = grad_fn(z)
-      m = b1 * m + (1.0 - b1) * grad
-      v = b2 * v + (1.0 - b2) * grad**2
-      t = t + 1.0
-      update = (m / (1.0 - b1**t)) / (jnp.sqrt(v / (1.0 - b2**t)) + eps)
-      return jnp.clip(z + where_lr * update, lower, upper), m, v
-
-    zeros = jnp.zeros_like(out.z_where)
-    z, _, _ = jax.lax.fori_loop(
-      0, where_steps, adam, (out.z_where, zeros, zeros)
-    )
-    return _redraw(out, z, objects_at)
-
-  def one_round(out, _):
-    out = greedy_z_pres(ascend(out), images, config, step, max_flips)
-    return out, None
-
-  output, _ = jax.lax.scan(one_round, output, None, length=rounds)
-  return output
-
-
-# How much a split must raise the objective to be taken (nats; chosen on
-# training canvases, RESULTS.md): the objective of `pretrained/air` takes
-# some wide single digits as two windows by a few nats.
-SPLIT_GAIN = 10.0
-
-# How much dropping an object must raise the objective to be taken (nats):
-# none, the objective decides (`drop_objects`).
-DROP_GAIN = 0.0
-
-# Unit vectors (x, y) along which `split_objects` splits a window.
-_SPLIT_DIRECTIONS = (
-  (1.0, 0.0),
-  (0.0, 1.0),
-  (0.5**0.5, 0.5**0.5),
-  (0.5**0.5, -(0.5**0.5)),
-)
-
-
-def split_candidates(
-  z_pres: jax.Array,
-  z_where: jax.Array,
-  num_objects: int,
-  shrink: float = 1.5,
-  bounds: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Each of the `num_objects` largest present windows of every image split
-  in two, along each of four directions (horizontal, vertical, the two
-  diagonals): two windows `shrink` times smaller than the one they replace,
-  whose centres sit a quarter of its width either side of its centre; the
-  second takes an absent proposal: the first one whose `bounds` on the
-  centre hold it (or come nearest; without bounds, the first absent one).
-
-  Args:
-    z_pres: [B, N] in {0, 1}.
-    z_where: [B, N, 3] (s, x, y).
-    num_objects: K, how many present windows (the largest first) to split.
-    shrink: the new windows' scale over the old one's (> 1: smaller).
-    bounds: optional ([N, 3], [N, 3]) bounds of each proposal's z_where
-      (a grid model's cells reach only so far).
-
-  Returns:
-    (z_pres [B, C, N], z_where [B, C, N, 3], valid [B, C]) of the C = 4K
-    candidates, ordered by window then direction; a candidate is invalid
-    when its image has fewer than k present windows or no absent proposal.
-  """
-  n = z_pres.shape[1]
-  present = z_pres > 0.5
-  largest = jnp.where(present, -jnp.abs(z_where[..., 0]), -jnp.inf)
-  _, which = jax.lax.top_k(largest, num_objects)  # [B, K]
-  enough = jnp.take_along_axis(present, which, axis=1)  # [B, K]
-  directions = jnp.asarray(_SPLIT_DIRECTIONS, z_where.dtype)  # [D, 2]
-  old = jnp.take_along_axis(z_where, which[..., None], axis=1)  # [B, K, 3]
-  offset = (0.5 / jnp.abs(old[..., :1]))[:, :, None] * directions  # [B,K,D,2]
-  new_scale = jnp.broadcast_to(
-    old[:, :, None, :1] * shrink, offset.shape[:-1] + (1,)
-  )
-  centre = old[:, :, None, 1:]
-  first = jnp.concatenate([new_scale, centre + offset], -1)  # [B, K, D, 3]
-  second = jnp.concatenate([new_scale, centre - offset], -1)
-  b, k, d = first.shape[:3]
-  # How far each proposal's bounds keep it from the second centre.
-  lower, upper = (
-    (jnp.full((n, 3), -jnp.inf), jnp.full((n, 3), jnp.inf))
-    if bounds is None
-    else bounds
-  )
-  at = second[:, :, :, None, 1:]  # [B, K, D, 1, 2]
-  miss = jnp.sum(
-    (at - jnp.clip(at, lower[:, 1:], upper[:, 1:])) ** 2, axis=-1
-  )  # [B, K, D, N]
-  miss = jnp.where(present[:, None, None], jnp.inf, miss)
-  free = jnp.argmin(miss, axis=-1)  # [B, K, D]
-  slots = jnp.arange(n)
-  is_which = (slots == which[:, :, None, None])[..., None]  # [B,K,1,N,1]
-  is_free = (slots == free[..., None])[..., None]  # [B,K,D,N,1]
-  candidate = jnp.where(
-    is_which,
-    first[:, :, :, None],
-    jnp.where(is_free, second[:, :, :, None], z_where[:, None, None]),
-  )  # [B, K, D, N, 3]
-  pres = jnp.where(is_free[..., 0], 1.0, z_pres[:, None, None])
-  has_free = jnp.any(~present, axis=1)
-  valid = jnp.broadcast_to((enough & has_free[:, None])[:, :, None], (b, k, d))
-  return (
-    pres.reshape(b, k * d, n),
-    candidate.reshape(b, k * d, n, 3),
-    valid.reshape(b, k * d),
-  )
-
-
-def split_objects(
-  output: air.AIROutput,
-  images: jax.Array,
-  config: LossConfig,
-  step: jax.Array | int,
-  max_flips: int,
-  rounds: int,
-  objects_at: ObjectsAt,
-  bounds: tuple[jax.Array, jax.Array],
-  num_objects: int = 1,
-  shrink: float = 1.5,
-  min_gain: float = SPLIT_GAIN,
-  where_steps: int = 10,
-  where_lr: float = 0.05,
-) -> air.AIROutput:
-  """Refined modes (`refine_modes`' output) given the chance to read one
-  object as two: the `split_candidates` of the present windows, each
-  re-read and redrawn by the model and refined by `rounds` rounds of
-  z_where ascent and flips; per image, the candidate of highest
-  `set_objective` g replaces `output` if it beats it by more than
-  `min_gain` nats.
-
-  The ascent moves one window at a time up g; a window that covers two
-  close digits sits at a local maximum that the two digits' own windows
-  can beat only together (each alone leaves the other's ink to the big
-  window). A split proposes the pair, and the model's objective decides.
-
-  Args:
-    output: refined posterior modes (`refine_modes`).
-    images: [B, H, W].
-    config: the objective's settings (Normal likelihood).
-    step: the training step the schedules are read at.
-    max_flips: most flips of each `greedy_z_pres`.
-    rounds: rounds of ascent and flips per candidate (>= 1).
-    objects_at: the model's q(z_what) and windows at given z_where.
-    bounds: lower and upper bounds of z_where's means.
-    num_objects: how many present windows (the largest first) to split.
-    shrink: see `split_candidates`.
-    min_gain: how much a split must raise g to be taken (nats).
-    where_steps: Adam steps per round.
-    where_lr: Adam's step size.
-
-  Returns:
-    AIROutput: per image, `output` or its best split.
-  """
-  z_pres, z_where, valid = split_candidates(
-    output.z_pres, output.z_where, num_objects, shrink, bounds
-  )
-  return _best_candidate(
-    output,
-    images,
-    config,
-    step,
-    max_flips,
-    rounds,
-    objects_at,
-    bounds,
-    (z_pres, jnp.clip(z_where, *bounds), valid),
-    min_gain,
-    where_steps,
-    where_lr,
-  )
-
-
-def drop_candidates(
-  z_pres: jax.Array, z_pres_prob: jax.Array, num_objects: int
-) -> tuple[jax.Array, jax.Array]:
-  """Each of the `num_objects` present objects of every image whose
-  q(z_pres) is lowest turned off, one per candidate.
-
-  Args:
-    z_pres: [B, N] in {0, 1}.
-    z_pres_prob: [B, N] the encoder's q(z_pres).
-    num_objects: K, how many present objects (the least probable first).
-
-  Returns:
-    (z_pres [B, K, N], valid [B, K]) of the K candidates; a candidate is
-    invalid when its image has fewer than k present objects.
-  """
-  n = z_pres.shape[1]
-  present = z_pres > 0.5
-  least = jnp.where(present, -z_pres_prob, -jnp.inf)
-  _, which = jax.lax.top_k(least, num_objects)  # [B, K]
-  valid = jnp.take_along_axis(present, which, axis=1)
-  off = jnp.arange(n) == which[..., None]  # [B, K, N]
-  return jnp.where(off, 0.0, z_pres[:, None]), valid
-
-
-def drop_objects(
-  output: air.AIROutput,
-  images: jax.Array,
-  config: LossConfig,
-  step: jax.Array | int,
-  rounds: int,
-  objects_at: ObjectsAt,
-  bounds: tuple[jax.Array, jax.Array],
-  num_objects: int = 1,
-  min_gain: float = DROP_GAIN,
-  where_steps: int = 10,
-  where_lr: float = 0.05,
-) -> air.AIROutput:
-  """Refined modes (`refine_modes`' output) given the chance to read one
-  object fewer: each of the `drop_candidates` (one present object turned
-  off) re-read and redrawn by the model and its windows moved by `rounds`
-  rounds of z_where ascent, without flips (a flip could turn the dropped
-  object back on: the candidate is the reading with one object fewer);
-  per image, the candidate of highest `set_objective` g replaces `output`
-  if it beats it by more than `min_gain` nats.
-
-  The mirror of `split_objects`. A flip turns an object off with every
-  other window where it is; an object can pay for itself there and not
-  once the others have moved (DAIR's pairs read as three, RESULTS.md).
-  Dropping it and moving the rest lets the model's objective compare the
-  two readings.
-
-  Args:
-    output: refined posterior modes (`refine_modes`).
-    images: [B, H, W].
-    config: the objective's settings (Normal likelihood).
-    step: the training step the schedules are read at.
-    rounds: rounds of ascent per candidate (>= 1).
-    objects_at: the model's q(z_what) and windows at given z_where.
-    bounds: lower and upper bounds of z_where's means.
-    num_objects: how many present objects (the least probable first) to
-      try without.
-    min_gain: how much a drop must raise g to be taken (nats).
-    where_steps: Adam steps per round.
-    where_lr: Adam's step size.
-
-  Returns:
-    AIROutput: per image, `output` or its best drop.
-  """
-  z_pres, valid = drop_candidates(
-    output.z_pres, output.z_pres_prob, num_objects
-  )
-  z_where = jnp.broadcast_to(
-    output.z_where[:, None], z_pres.shape + output.z_where.shape[-1:]
-  )
-  return _best_candidate(
-    output,
-    images,
-    config,
-    step,
-    0,
-    rounds,
-    objects_at,
-    bounds,
-    (z_pres, z_where, valid),
-    min_gain,
-    where_steps,
-    where_lr,
-  )
-
-
-def _best_candidate(
-  output: air.AIROutput,
-  images: jax.Array,
-  config: LossConfig,
-  step: jax.Array | int,
-  max_flips: int,
-  rounds: int,
-  objects_at: ObjectsAt,
-  bounds: tuple[jax.Array, jax.Array],
-  candidates: tuple[jax.Array, jax.Array, jax.Array],
-  min_gain: float,
-  where_steps: int,
-  where_lr: float,
-) -> air.AIROutput:
-  """Per image, `output` or the best of `candidates` (z_pres [B, C, N],
-  z_where [B, C, N, 3], valid [B, C]), each redrawn and refined by `rounds`
-  rounds of ascent and flips, by `set_objective` g: a candidate must beat
-  `output` by more than `min_gain` nats (`split_objects`,
-  `drop_objects`)."""
-  z_pres, z_where, valid = candidates
-
-  def refine(pres, where):
-    out = _redraw(output._replace(z_pres=pres), where, objects_at)
-    out = _ascent_rounds(
-      out,
-      images,
-      config,
-      step,
-      max_flips,
-      rounds,
-      objects_at,
-      bounds,
-      where_steps,
-      where_lr,
-    )
-    return out, set_objective(out, images, config, step)
-
-  refined, g = jax.vmap(refine, in_axes=1, out_axes=1)(z_pres, z_where)
-  g = jnp.where(valid, g, -jnp.inf)  # [B, C]
-  kept = set_objective(output, images, config, step)
-  g = jnp.concatenate([kept[:, None] + min_gain, g], axis=1)
-  best = jnp.argmax(g, axis=1)  # [B] 0: `output` kept.
-
-  def pick(keep, other):
-    stacked = jnp.concatenate([keep[:, None], other], axis=1)
-    index = best.reshape(-1, *([1] * (stacked.ndim - 1)))
-    return jnp.take_along_axis(stacked, index, axis=1)[:, 0]
-
-  return jax.tree.map(pick, output, refined)
 
 
 def local_expectation_surrogate(

@@ -8,7 +8,7 @@ For the (refined) posterior modes of the first `num` test canvases, prints
   * the accuracy, over- and under-count rates on them;
   * over-counted canvases: how many have two present windows whose centres
     are closer than r px, against how many of their true digits are; and
-    the gain in the model's objective (`objectives.greedy_z_pres`'s g) of
+    the gain in the model's objective (`refinement.greedy_z_pres`'s g) of
     keeping the proposal of the closest pair that the objective values
     least: > 0 means the model's own objective prefers the extra object;
   * the share of all true digit pairs closer than r px;
@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax import air
+from air_jax import configuration
 from air_jax import inference
 from air_jax import input_pipeline
 from air_jax import metrics
 from air_jax import objectives
+from air_jax import refinement
 from air_jax import spatial_transformer
 from air_jax.cli import refine as refine_cli
 
@@ -72,8 +74,8 @@ def main():
   split = input_pipeline.load_split('test', args.data_dir, 'many')
   images = jnp.asarray(split.images[: args.num].astype(np.float32) / 255.0)
   true = split.num_objects[: args.num]
-  refine = refine_cli.refinement(config, args.refine_flips, args.refine_rounds)
-  loss = refine_cli.refinement(config, 1).loss_config
+  refine = refine_cli.refiner(config, args.refine_flips, args.refine_rounds)
+  loss = configuration.loss_config(config)
   step = int(config.num_train_steps)
   p = np.clip(loss.z_pres_prior(step), 1e-35, 1 - 1e-7)
   prior_logit = np.log(p) - np.log1p(-p)
@@ -83,7 +85,7 @@ def main():
     out = model.apply({'params': params}, x, deterministic=True)
     if refine is None:
       return out
-    return inference.refine_modes(model, params, x, out, refine)
+    return refinement.refine(model, params, x, out, refine)
 
   outs, gains = [], []
   for lo in range(0, args.num, 250):

@@ -5,8 +5,8 @@ split's gain at once (RESULTS.md, "One window tried as two").
     --data_dir=$TFDS_DATA_DIR --builder_config=pyro --split=train [--num=2000]
 
 For the first `num` canvases: the modes refined by 3 flips and 3 rounds
-(`objectives.refine_modes`, as `inference.refine_modes` does), then each
-image's best split of its largest window (`objectives.split_objects`
+(`refinement.refine_modes`, as `refinement.refine` does), then each
+image's best split of its largest window (`refinement.split_objects`
 taking any candidate) and the gain of that split in the model's objective
 g (`objectives.set_objective`). A threshold t keeps the split where the
 gain exceeds t, as `--refine_split_gain=t` does. Prints the accuracy for
@@ -22,6 +22,7 @@ import numpy as np
 from air_jax import checkpointing
 from air_jax import configuration
 from air_jax import objectives
+from air_jax import refinement
 from results import canvases
 
 THRESHOLDS = (0, 5, 10, 20, 30, 50, 100)
@@ -34,21 +35,20 @@ def main():
   config, model, params = checkpointing.load_model(args.checkpoint)
   model = model.clone(skip_finished=False)
   step = config.num_train_steps
-  set_config = objectives.objects_as_set(configuration.loss_config(config))
+  set_config = refinement.objects_as_set(configuration.loss_config(config))
 
   @jax.jit
   def counts_and_gain(images):
-    # inference.refine_modes with the split taken whatever its gain.
+    # refinement.refine with the split taken whatever its gain.
     out = model.apply({'params': params}, images, deterministic=True)
     objects_at = functools.partial(
       model.apply, {'params': params}, images, method='objects_at'
     )
-    search = (step, 3, 3, objects_at)
-    bounds = model.z_where_bounds()
-    refined = objectives.refine_modes(out, images, set_config, *search, bounds)
-    split = objectives.split_objects(
-      refined, images, set_config, *search, bounds, min_gain=-jnp.inf
+    search = refinement.Search(
+      set_config, step, objects_at, model.z_where_bounds(), 3, 3
     )
+    refined = refinement.refine_modes(out, images, search)
+    split = refinement.split_objects(refined, images, search, min_gain=-jnp.inf)
     gain = objectives.set_objective(
       split, images, set_config, step
     ) - objectives.set_objective(refined, images, set_config, step)

@@ -20,6 +20,7 @@ from air_jax import grid
 from air_jax import inference
 from air_jax import networks
 from air_jax import objectives
+from air_jax import refinement
 from air_jax import spatial_transformer as st
 from air_jax import train
 from air_jax.cli import infer as infer_cli
@@ -329,8 +330,7 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
       helpers.one_object_split(images),
       loss_config,
       batch_size=4,
-      refine_flips=3,
-      refine_rounds=rounds,
+      refine=refinement.Refinement(3, rounds),
     )
     assert refined.confusion.sum() == 8 and np.isfinite(refined.elbo)
   records = inference.infer_records(
@@ -348,7 +348,8 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
   assert records_cli == records
   # Refined modes: the library and the CLI agree (the CLI reads the
   # schedules at the config's last step).
-  refine = inference.Refinement(loss_config, 3, config.num_train_steps)
+  step = config.num_train_steps
+  refine = refinement.Refiner(refinement.Refinement(3), loss_config, step)
   refined = inference.infer_records(
     model, state.params, images.astype(np.float32) / 255.0, refine=refine
   )
@@ -358,7 +359,7 @@ def test_a_non_square_grid_runs_step_evaluation_and_infer(tmp_path, capsys):
   )
   assert refined_cli == refined
   # With rounds of z_where ascent, too.
-  refine = inference.Refinement(loss_config, 3, config.num_train_steps, 1)
+  refine = refinement.Refiner(refinement.Refinement(3, 1), loss_config, step)
   rounds = inference.infer_records(
     model, state.params, images.astype(np.float32) / 255.0, refine=refine
   )
@@ -436,18 +437,18 @@ def test_greedy_z_pres_climbs_to_a_local_maximum_by_enumeration(repulsion):
   moved = 0
   for start in itertools.product((0.0, 1.0), repeat=3):
     start = np.asarray(start, np.float32)
-    out = objectives.greedy_z_pres(toy(start), images, config, 0, max_flips=8)
+    out = refinement.greedy_z_pres(toy(start), images, config, 0, max_flips=8)
     z = np.asarray(out.z_pres[0])
     moved += int(np.any(z != start))
     assert g(z) >= g(start) - 1e-3
     for n in range(3):
       assert g(np.where(np.arange(3) == n, 1 - z, z)) <= g(z) + 1e-3
     np.testing.assert_allclose(out.canvas, toy(z).canvas, atol=1e-5)
-    one = objectives.greedy_z_pres(toy(start), images, config, 0, max_flips=1)
+    one = refinement.greedy_z_pres(toy(start), images, config, 0, max_flips=1)
     assert np.sum(np.asarray(one.z_pres[0]) != start) <= 1
   assert moved > 0  # The starts are not all maxima already.
   with pytest.raises(ValueError, match='independent proposals'):
-    objectives.greedy_z_pres(
+    refinement.greedy_z_pres(
       toy(start), images, objectives.LossConfig(), 0, max_flips=1
     )
 
@@ -558,22 +559,15 @@ def test_refine_modes_moves_z_where_up_the_objective_within_bounds():
     )
 
   def refine(out, flips, rounds, **kw):
-    return objectives.refine_modes(
-      out,
-      images,
-      config,
-      0,
-      flips,
-      rounds,
-      objects_at,
-      model.z_where_bounds(),
-      **kw,
+    search = refinement.Search(
+      config, 0, objects_at, model.z_where_bounds(), flips, rounds, **kw
     )
+    return refinement.refine_modes(out, images, search)
 
   # No rounds: greedy_z_pres alone.
   np.testing.assert_array_equal(
     refine(modes, 4, 0).z_pres,
-    objectives.greedy_z_pres(modes, images, config, 0, 4).z_pres,
+    refinement.greedy_z_pres(modes, images, config, 0, 4).z_pres,
   )
   # One small Adam step and no flips: every coordinate moves by at most the
   # step size, and the objective rises (Adam's first step is lr * sign).

@@ -10,6 +10,7 @@ import zipfile
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -283,3 +284,9 @@ def train_step_fn(config, model, tx):
     seed=config.seed,
     axis_name=None,
   )
+
+
+def inked_images(b, shape=(50, 50), seed=0):
+  """[b, H, W] float32 images, mostly dark with some bright pixels."""
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.random((b, *shape)) ** 8, jnp.float32)

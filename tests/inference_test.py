@@ -1,6 +1,5 @@
 """experiments.infer and air_jax.inference: records, boxes, bad input."""
 
-import functools
 import json
 import subprocess
 import sys
@@ -14,9 +13,7 @@ import pytest
 from air_jax import air
 from air_jax import checkpointing
 from air_jax import configuration
-from air_jax import distributions
 from air_jax import inference
-from air_jax import objectives
 from air_jax import spatial_transformer
 from air_jax.cli import infer as infer_cli
 from air_jax.cli import refine as refine_cli
@@ -189,18 +186,12 @@ def test_max_steps_can_be_raised_or_lowered_at_inference(tmp_path):
 # --- Refined modes of a sequential AIR -------------------------------------
 
 
-def _inked_images(b, shape=(50, 50), seed=0):
-  """[b, H, W] float32 images, mostly dark with some bright pixels."""
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.random((b, *shape)) ** 8, jnp.float32)
-
-
 def test_air_objects_at_are_what_its_steps_infer_and_draw():
   config = test_config.get_config()
   # Every step computed, so that each holds its own object.
   model = configuration.create_model(config).clone(skip_finished=False)
   params = air.init_params(model, 0)
-  images = _inked_images(4)
+  images = helpers.inked_images(4)
   out = helpers.apply_jitted(model, params, images, deterministic=True)
   what_q, windows = jax.jit(
     lambda p, x, z: model.apply({'params': p}, x, z, method='objects_at')
@@ -219,7 +210,7 @@ def test_dair_objects_at_read_the_image_minus_the_present_steps_before():
   config.model.difference = True
   model = configuration.create_model(config).clone(skip_finished=False)
   params = air.init_params(model, 1)
-  images = _inked_images(3, seed=3)
+  images = helpers.inked_images(3, seed=3)
   out = helpers.apply_jitted(model, params, images, deterministic=True)
   z_where = out.z_where
 
@@ -319,188 +310,13 @@ def test_present_first_reorders_steps_and_keeps_the_canvas():
   )
 
 
-def _objective(out, images, loss_config, step):
-  """[B] the model's objective of modes taken as a set of objects: the
-  likelihood of their canvas, minus each present object's KL_where, KL_what
-  and log(p / (1 - p))."""
-  prior = loss_config.z_where_prior()
-  kl_where = distributions.normal_kl(
-    distributions.NormalParams(out.z_where_loc, out.z_where_scale), prior
-  )
-  kl_what = distributions.normal_kl(
-    distributions.NormalParams(out.z_what_loc, out.z_what_scale),
-    distributions.NormalParams(
-      jnp.zeros_like(out.z_what_loc), jnp.ones_like(out.z_what_loc)
-    ),
-  )
-  p = loss_config.z_pres_prior(step)
-  log_lik = objectives.log_likelihood(
-    out.canvas, images, 'normal', loss_config.likelihood_std(step)
-  )
-  cost = kl_where + kl_what - (jnp.log(p) - jnp.log1p(-p))
-  return log_lik - jnp.sum(out.z_pres * cost, axis=1)
-
-
-def _assert_sequential(out, model):
-  """`out` has a sequential AIR's form: present steps first, mask the step
-  before's z_pres, the canvas drawn from its objects, z_where in bounds."""
-  z = np.asarray(out.z_pres)
-  assert np.all(np.diff(z, axis=1) <= 0)
-  np.testing.assert_array_equal(out.mask[:, 1:], z[:, :-1])
-  np.testing.assert_allclose(
-    out.canvas,
-    spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, out.z_pres, model.image_shape
-    ),
-    atol=1e-5,
-  )
-  lower, upper = model.z_where_bounds()
-  assert np.all(out.z_where >= lower) and np.all(out.z_where <= upper)
-
-
-# Jitted: eagerly, each loop of the refinement compiles on every call.
-_refine_modes = jax.jit(
-  inference.refine_modes, static_argnames=('model', 'refine')
-)
-
-
-def _all_present(difference: bool, seed: int):
-  """(model, params, loss_config, step, images, modes with every step
-  present) of the test config's untrained AIR (DAIR with `difference`),
-  every step computed."""
-  config = test_config.get_config()
-  config.model.difference = difference
-  model = configuration.create_model(config).clone(skip_finished=False)
-  params = air.init_params(model, 0)
-  images = _inked_images(6, seed=seed)
-  out = helpers.apply_jitted(model, params, images, deterministic=True)
-  z_pres = jnp.ones_like(out.z_pres)
-  out = out._replace(
-    z_pres=z_pres,
-    canvas=spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, z_pres, model.image_shape
-    ),
-  )
-  loss_config = configuration.loss_config(config)
-  return model, params, loss_config, config.num_train_steps, images, out
-
-
-@pytest.mark.parametrize('difference', [False, True], ids=['air', 'dair'])
-def test_refined_air_modes_raise_its_objective_and_stay_sequential(difference):
-  # Start from every step present: flips must then drop what does not pay.
-  model, params, loss_config, step, images, out = _all_present(difference, 2)
-  before = _objective(out, images, loss_config, step)
-  flipped = _refine_modes(
-    model, params, images, out, inference.Refinement(loss_config, 3, step)
-  )
-  after = _objective(flipped, images, loss_config, step)
-  assert np.all(np.asarray(after) >= np.asarray(before) - 1e-3)
-  assert np.any(np.asarray(flipped.count) < 3)  # Some flip was taken.
-  for rounds in (0, 1):
-    refined = _refine_modes(
-      model,
-      params,
-      images,
-      out,
-      inference.Refinement(loss_config, 3, step, rounds),
-    )
-    _assert_sequential(refined, model)
-
-
-def test_split_objects_never_lower_the_objective_and_stay_sequential():
-  config = test_config.get_config()
-  model = configuration.create_model(config).clone(skip_finished=False)
-  params = air.init_params(model, 0)
-  loss_config = configuration.loss_config(config)
-  step = config.num_train_steps
-  images = _inked_images(6, seed=4)
-  out = helpers.apply_jitted(model, params, images, deterministic=True)
-  refine = inference.Refinement(loss_config, 3, step, 1)
-  refined = _refine_modes(model, params, images, out, refine)
-  split = _refine_modes(model, params, images, out, refine._replace(splits=2))
-  before = np.asarray(_objective(refined, images, loss_config, step))
-  after = np.asarray(_objective(split, images, loss_config, step))
-  assert np.all(after >= before - 1e-3), (before, after)
-  _assert_sequential(split, model)
-  # Where no split wins, the refined modes are kept as they were.
-  kept = np.isclose(after, before, atol=1e-3)
-  np.testing.assert_allclose(
-    split.z_where[kept], refined.z_where[kept], atol=1e-5
-  )
-  # The untrained model finds nothing to split; with step 0 present and no
-  # gain asked for (-inf), every image takes its best split: step 0's
-  # window is replaced by two, and the result is still a sequential AIR's.
-  z_pres = jnp.zeros_like(out.z_pres).at[:, 0].set(1.0)
-  one = out._replace(
-    z_pres=z_pres,
-    canvas=spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, z_pres, (50, 50)
-    ),
-  )
-  forced = _refine_modes(
-    model,
-    params,
-    images,
-    one,
-    refine._replace(max_flips=0, rounds=1, splits=1, split_gain=-np.inf),
-  )
-  unsplit = _refine_modes(
-    model, params, images, one, refine._replace(max_flips=0, rounds=1)
-  )
-  moved = np.abs(forced.z_where[:, 0] - unsplit.z_where[:, 0]) > 1e-3
-  assert np.all(np.any(moved, axis=-1))
-  # No flips: the two windows of the split are both present, first.
-  np.testing.assert_array_equal(forced.z_pres, [[1, 1, 0]] * len(images))
-  lower, upper = model.z_where_bounds()
-  assert np.all(forced.z_where >= lower) and np.all(forced.z_where <= upper)
-
-
-def test_drop_objects_never_lower_the_objective_and_stay_sequential():
-  # DAIR, whose objects depend on each other (AIR's path is the same),
-  # every step present.
-  model, params, loss_config, step, images, out = _all_present(True, 5)
-  refine = inference.Refinement(loss_config, 0, step, 1)
-  refined = _refine_modes(model, params, images, out, refine)
-  dropped = _refine_modes(model, params, images, out, refine._replace(drops=2))
-  before = np.asarray(_objective(refined, images, loss_config, step))
-  after = np.asarray(_objective(dropped, images, loss_config, step))
-  assert np.all(after >= before - 1e-3), (before, after)
-  _assert_sequential(dropped, model)
-  # Taken whatever it costs: the least probable object goes, the others
-  # are moved and re-read.
-  set_config = objectives.objects_as_set(loss_config)
-  objects_at = functools.partial(
-    model.apply, {'params': params}, images, method='objects_at'
-  )
-  forced = jax.jit(
-    lambda o: objectives.drop_objects(
-      o,
-      images,
-      set_config,
-      step,
-      1,
-      objects_at,
-      model.z_where_bounds(),
-      min_gain=-np.inf,
-    )
-  )(out)
-  least = np.argmin(np.asarray(out.z_pres_prob), axis=1)
-  want = np.ones((len(images), 3))
-  want[np.arange(len(images)), least] = 0
-  np.testing.assert_array_equal(forced.z_pres, want)
-  # The objects left, where they now are, are what the model reads there.
-  what_q, windows = objects_at(forced.z_where, forced.z_pres)
-  np.testing.assert_allclose(forced.z_what, what_q.loc, atol=1e-5)
-  np.testing.assert_allclose(forced.windows, windows, atol=1e-5)
-
-
 def test_refined_air_records_library_equals_cli(export_dir, images, tmp_path):
   config, model, params = inference.load(str(export_dir))
   npz = tmp_path / 'images.npz'
   np.savez(npz, images=images)
   floats = images.astype(np.float32) / 255.0
   for flips, rounds in ((3, 0), (3, 1)):
-    refine = refine_cli.refinement(config, flips, rounds)
+    refine = refine_cli.refiner(config, flips, rounds)
     records = inference.infer_records(model, params, floats, refine=refine)
     records_cli = infer_cli.infer(
       str(export_dir),
@@ -524,9 +340,9 @@ def test_refined_air_modes_of_an_image_do_not_depend_on_its_batch():
   config = test_config.get_config()
   model = configuration.create_model(config)
   params = air.init_params(model, 0)
-  images = np.array(_inked_images(6, seed=3))
+  images = np.array(helpers.inked_images(6, seed=3))
   images[::2] = 0.0
-  refine = refine_cli.refinement(config, 3, 1)
+  refine = refine_cli.refiner(config, 3, 1)
   # Jitted: two compiles (batches of 6 and 1), not one per call.
   modes = jax.jit(inference.modes, static_argnames=('model', 'refine'))
   together = modes(model, params, jnp.asarray(images), refine)

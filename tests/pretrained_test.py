@@ -16,7 +16,7 @@ def _inferred_counts(name, images, flips=0, rounds=0, splits=0):
   if not (directory / 'config.json').is_file():
     pytest.fail(f'{directory} is missing: the shipped checkpoint must exist.')
   config, model, params = inference.load(str(directory))
-  refine = refine_cli.refinement(config, flips, rounds, splits)
+  refine = refine_cli.refiner(config, flips, rounds, splits)
   images = inference.check_images(images, config.model.image_size)
   records = inference.infer_records(model, params, images, refine=refine)
   return np.array([r['count'] for r in records])
@@ -47,8 +47,8 @@ def test_shipped_grid_checkpoint_counts_crowded_canvases():
 
 # (checkpoint, committed canvases, flips, rounds, splits, the fewest right):
 # the modes refined by flips, rounds of z_where ascent and flips
-# (`objectives.refine_modes`) and splits of the largest window in two
-# (`objectives.split_objects`; RESULTS.md has whole test splits).
+# (`refinement.refine_modes`) and splits of the largest window in two
+# (`refinement.split_objects`; RESULTS.md has whole test splits).
 #  * `pretrained/many` on 40 `many` test canvases, 16 flips and 3 rounds:
 #    33 right, 31 from the modes alone (38 with 1 split as well; not run
 #    here: each of the split's four candidates is refined again over all

@@ -8,13 +8,13 @@ confusion matrix (true rows, inferred columns), the ELBO, the IWAE bound with
 K samples, and inference time per image. --refine_flips=K counts with
 the posterior modes refined by up to K
 single z_pres flips that each raise the model's objective
-(`objectives.greedy_z_pres`), and --refine_rounds=R then moves every
+(`refinement.greedy_z_pres`), and --refine_rounds=R then moves every
 z_where up that objective and flips again, R times
-(`objectives.refine_modes`); --refine_drops=K then tries each of the K
+(`refinement.refine_modes`); --refine_drops=K then tries each of the K
 least probable present objects as absent, taken where the objective rises
-(`objectives.drop_objects`); --refine_splits=K then tries each of the K
+(`refinement.drop_objects`); --refine_splits=K then tries each of the K
 largest present windows as two, taken where the objective rises by more
-than --refine_split_gain nats (`objectives.split_objects`). The data
+than --refine_split_gain nats (`refinement.split_objects`). The data
 configuration (TFDS data dir, builder config) is the checkpoint's own
 unless a flag names another.
 
@@ -32,7 +32,7 @@ from absl import flags
 from air_jax import checkpointing
 from air_jax import cli
 from air_jax import evaluation
-from air_jax import objectives
+from air_jax import refinement
 from air_jax.cli import refine as refine_cli
 from air_jax.datasets.multi_mnist import multi_mnist
 
@@ -90,7 +90,7 @@ def evaluate(
   refine_flips: int = 0,
   refine_rounds: int = 0,
   refine_splits: int = 0,
-  refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_split_gain: float = refinement.SPLIT_GAIN,
   refine_drops: int = 0,
 ) -> dict:
   """The program without its flags: checks everything, evaluates, writes
@@ -116,8 +116,7 @@ def evaluate(
     config = checkpointing.load_valid_config(checkpoint)
     if not builder_config:  # The checkpoint's.
       check_split_names(config.data.builder_config, splits)
-    # Checks the flags (one line).
-    refine_cli.refinement(
+    refine = refine_cli.settings(  # Checks the flags (one line).
       config,
       refine_flips,
       refine_rounds,
@@ -134,11 +133,7 @@ def evaluate(
       iwae_samples=iwae_samples,
       max_examples=max_examples or None,
       batch_size=batch_size,
-      refine_flips=refine_flips,
-      refine_rounds=refine_rounds,
-      refine_splits=refine_splits,
-      refine_split_gain=refine_split_gain,
-      refine_drops=refine_drops,
+      refine=refine,
     )
     evaluation.write_report(report, output)
   return report

@@ -17,13 +17,13 @@ folder, or one holding only an earlier run's pictures (then replaced).
 
 --refine_flips=K: the posterior modes
 refined by up to K single z_pres flips, each raising the model's own objective
-(`objectives.greedy_z_pres`), as `air-evaluate --refine_flips` counts;
+(`refinement.greedy_z_pres`), as `air-evaluate --refine_flips` counts;
 --refine_rounds=R then moves every z_where up that objective and flips
-again, R times (`objectives.refine_modes`); --refine_drops=K then tries
+again, R times (`refinement.refine_modes`); --refine_drops=K then tries
 each of the K least probable present objects as absent, taken where the
-objective rises (`objectives.drop_objects`); --refine_splits=K then tries
+objective rises (`refinement.drop_objects`); --refine_splits=K then tries
 each of the K largest present windows as two, taken where the objective
-rises by more than --refine_split_gain nats (`objectives.split_objects`).
+rises by more than --refine_split_gain nats (`refinement.split_objects`).
 """
 
 from absl import flags
@@ -32,7 +32,7 @@ from air_jax import checkpointing
 from air_jax import cli
 from air_jax import files
 from air_jax import inference
-from air_jax import objectives
+from air_jax import refinement
 from air_jax.cli import refine as refine_cli
 
 _CHECKPOINT = cli.define_string('checkpoint', None, 'Workdir or export dir.')
@@ -77,7 +77,7 @@ def infer(
   refine_flips: int = 0,
   refine_rounds: int = 0,
   refine_splits: int = 0,
-  refine_split_gain: float = objectives.SPLIT_GAIN,
+  refine_split_gain: float = refinement.SPLIT_GAIN,
   refine_drops: int = 0,
 ) -> list:
   """The program without its flags: checks everything, infers, writes the
@@ -98,7 +98,7 @@ def infer(
           f"'air'); this checkpoint's model is {config.model.kind!r}."
         )
       model = model.clone(max_steps=max_steps)
-    refine = refine_cli.refinement(
+    refine = refine_cli.refiner(
       config,
       refine_flips,
       refine_rounds,

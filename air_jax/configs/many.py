@@ -47,9 +47,9 @@ sampled with the prior's 6-px position std, come that close at first).
 Measured (RESULTS.md, with the runs that led here): after 40k steps
 (about 2.2 hours on a 2-core CPU; shipped as `pretrained/many`) test count
 accuracy 0.73, box AP50 0.86; with the posterior modes refined by the
-model's own objective, 16 flips of z_pres (`objectives.greedy_z_pres`) 0.81,
+model's own objective, 16 flips of z_pres (`refinement.greedy_z_pres`) 0.81,
 and 3 rounds of z_where ascent and flips after them
-(`objectives.refine_modes`; `air-evaluate --refine_flips=16
+(`refinement.refine_modes`; `air-evaluate --refine_flips=16
 --refine_rounds=3`) 0.87, AP50 0.898 (after 20k steps: 0.67 and
 0.79 with flips; DAIR, many_dair.py: 0.41). Far from what crowded scenes
 need (0.95).
