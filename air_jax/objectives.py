@@ -66,8 +66,8 @@ __all__ = [
   'set_objective',
   'step_costs',
   'update_signal_moments',
-  'z_pres_prior_logit',
   'z_pres_log_prob',
+  'z_pres_prior_logit',
 ]
 
 LIKELIHOODS = ('normal', 'bernoulli')
@@ -452,11 +452,12 @@ def refinement_objective(
   step: jax.Array | int,
 ) -> jax.Array:
   """[B] what `refinement.refine_modes` climbs in z_where: g
-  (`set_objective`: the likelihood of the canvas, each present object's KL_where, KL_what and
-  prior, the repulsion) plus, for every absent proposal, the gain in g of
-  turning it on alone, with the canvas of the present objects held fixed in
-  that term (its gradient moves the absent proposal only: to where it would
-  explain most if it were turned on). Normal likelihood only.
+  (`set_objective`: the likelihood of the canvas, each present object's
+  KL_where, KL_what and prior, the repulsion) plus, for every absent
+  proposal, the gain in g of turning it on alone, with the canvas of the
+  present objects held fixed in that term (its gradient moves the absent
+  proposal only: to where it would explain most if it were turned on).
+  Normal likelihood only.
 
   Args:
     output: AIROutput of a model with independent proposals; its canvas

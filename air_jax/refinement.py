@@ -94,7 +94,9 @@ class Refinement(NamedTuple):
 class Refiner(NamedTuple):
   """A Refinement and the objective it climbs: the model's LossConfig read
   at training step `step` (`configuration.loss_config` of the checkpoint's
-  config, and its num_train_steps)."""
+  config, and its num_train_steps). A static argument of jitted functions
+  (`inference.infer_records`), where `step` must be a Python int; inside
+  a jitted function it may be traced (`evaluation.eval_batch`)."""
 
   refinement: Refinement
   loss_config: objectives.LossConfig
@@ -167,8 +169,9 @@ def greedy_z_pres(
   KL_where and KL_what, the repulsion) and p the z_pres prior at `step`
   (g is `objectives.set_objective`). Each round flips, in every image, the
   one z_pres_n that raises g most, if any does; after `max_flips` rounds,
-  or once no flip raises g, z_pres is returned with the canvas redrawn. The encoder's q(z_pres) decides each proposal alone; this
-  lets proposals explain each other away (two proposals on one digit: the
+  or once no flip raises g, z_pres is returned with the canvas redrawn.
+  The encoder's q(z_pres) decides each proposal alone; this lets
+  proposals explain each other away (two proposals on one digit: the
   second adds little ink and pays its prior, so it is dropped).
 
   Args:

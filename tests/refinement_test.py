@@ -142,6 +142,17 @@ def _refiner(loss_config, step, flips, rounds=0, **kwargs):
   )
 
 
+def _first_present(out, k, image_shape):
+  """`out` with its first k steps present and its canvas drawn anew."""
+  z_pres = jnp.zeros_like(out.z_pres).at[:, :k].set(1.0)
+  return out._replace(
+    z_pres=z_pres,
+    canvas=spatial_transformer.windows_to_canvas(
+      out.windows, out.z_where, z_pres, image_shape
+    ),
+  )
+
+
 def _all_present(difference: bool, seed: int):
   """(model, params, loss_config, step, images, modes with every step
   present) of the test config's untrained AIR (DAIR with `difference`),
@@ -152,13 +163,7 @@ def _all_present(difference: bool, seed: int):
   params = air.init_params(model, 0)
   images = helpers.inked_images(6, seed=seed)
   out = helpers.apply_jitted(model, params, images, deterministic=True)
-  z_pres = jnp.ones_like(out.z_pres)
-  out = out._replace(
-    z_pres=z_pres,
-    canvas=spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, z_pres, model.image_shape
-    ),
-  )
+  out = _first_present(out, out.z_pres.shape[1], model.image_shape)
   loss_config = configuration.loss_config(config)
   return model, params, loss_config, config.num_train_steps, images, out
 
@@ -172,11 +177,11 @@ def test_refined_air_modes_raise_its_objective_and_stay_sequential(difference):
   after = _objective(flipped, images, loss_config, step)
   assert np.all(np.asarray(after) >= np.asarray(before) - 1e-3)
   assert np.any(np.asarray(flipped.count) < 3)  # Some flip was taken.
-  for rounds in (0, 1):
-    refined = _refine(
-      model, params, images, out, _refiner(loss_config, step, 3, rounds)
-    )
-    _assert_sequential(refined, model)
+  _assert_sequential(flipped, model)
+  # Every move at once (flips, a round of ascent, a drop, a split): still a
+  # sequential AIR's output, present steps first.
+  every = _refiner(loss_config, step, 3, 1, splits=1, drops=1)
+  _assert_sequential(_refine(model, params, images, out, every), model)
 
 
 def _searches(difference: bool, seed: int):
@@ -207,14 +212,8 @@ def test_split_objects_never_lower_the_objective():
   split = jax.jit(
     lambda o, gain: refinement.split_objects(o, images, search, min_gain=gain)
   )
-  z_pres = jnp.zeros_like(out.z_pres).at[:, 0].set(1.0)
-  one = out._replace(
-    z_pres=z_pres,
-    canvas=spatial_transformer.windows_to_canvas(
-      out.windows, out.z_where, z_pres, model.image_shape
-    ),
-  )
-  for start in (out, one):
+  one, two = (_first_present(out, k, model.image_shape) for k in (1, 2))
+  for start in (one, two):
     kept = split(start, refinement.SPLIT_GAIN)
     before, after = np.asarray(objective(start)), np.asarray(objective(kept))
     assert np.all(after >= before - 1e-3), (before, after)
